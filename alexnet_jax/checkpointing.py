@@ -1,0 +1,68 @@
+"""Orbax checkpoints in `workdir/checkpoints`.
+
+A checkpoint holds the train state (step, parameters, optimizer state), the
+learning-rate schedule's state and a small JSON record. The step number is all
+the data order and the dropout keys depend on, so restoring these three resumes
+a run exactly. Parameters are stored as global arrays: a checkpoint written
+under one scheme and device count restores onto any other mesh, because the
+restore target carries the new shardings.
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import orbax.checkpoint as ocp
+from absl import logging
+
+
+class Checkpointer:
+
+  def __init__(self, workdir: str, *, max_to_keep: int, every_steps: int):
+    self.directory = os.path.join(os.path.abspath(workdir), 'checkpoints')
+    self.manager = ocp.CheckpointManager(
+        self.directory,
+        options=ocp.CheckpointManagerOptions(
+            max_to_keep=max_to_keep, save_interval_steps=every_steps,
+            create=True))
+
+  def latest_step(self) -> int | None:
+    return self.manager.latest_step()
+
+  def all_steps(self) -> list[int]:
+    return list(self.manager.all_steps())
+
+  def save(self, step: int, state, schedule, meta: dict, *,
+           force: bool = False) -> bool:
+    """Saves if `step` is due (or `force`); returns whether it saved."""
+    return self.manager.save(
+        step,
+        args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                schedule=ocp.args.StandardSave(schedule),
+                                meta=ocp.args.JsonSave(meta)),
+        force=force)
+
+  def restore(self, step: int, abstract_state, abstract_schedule):
+    """Restores onto the shardings that the abstract trees carry."""
+    restored = self.manager.restore(
+        step,
+        args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state),
+            schedule=ocp.args.StandardRestore(abstract_schedule),
+            meta=ocp.args.JsonRestore()))
+    logging.info('Restored step %d from %s', step, self.directory)
+    return restored['state'], restored['schedule'], restored['meta']
+
+  def wait(self):
+    self.manager.wait_until_finished()
+
+  def close(self):
+    self.manager.close()
+
+
+def abstract(tree, shardings):
+  """ShapeDtypeStructs that tell orbax the shape, dtype and target sharding."""
+  return jax.tree.map(
+      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+      tree, shardings)

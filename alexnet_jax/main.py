@@ -1,0 +1,55 @@
+"""Command line: `python -m alexnet_jax.main --config=configs/NAME.py[:ARG] --workdir=DIR`.
+
+Fields are overridden with --config.FIELD=VALUE (type-checked). Running the
+same command again resumes from the latest checkpoint in DIR.
+"""
+
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from alexnet_jax import runtime
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string('workdir', None, 'Checkpoints, metrics.jsonl and '
+                    'TensorBoard events go here; a run resumes from it.')
+config_flags.DEFINE_config_file('config', None, 'A configs/*.py file, '
+                                'optionally with :ARG (digits, synthetic).',
+                                lock_config=True)
+runtime.define_distributed_flags()
+flags.mark_flags_as_required(['config', 'workdir'])
+
+
+class _QuietLibraries:
+  """Keeps the libraries' INFO chatter (orbax logs every file it writes) off
+  the terminal, so the progress lines stay readable; warnings still show."""
+
+  def filter(self, record):
+    return record.levelno >= 30 or 'alexnet_jax' in record.pathname
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  logging.get_absl_handler().addFilter(_QuietLibraries())
+  config = FLAGS.config
+  runtime.setup(config)  # CPU devices and jax.distributed, before JAX starts
+  import jax
+  from alexnet_jax import train, validation
+  logging.info('JAX process %d of %d, local devices: %s', jax.process_index(),
+               jax.process_count(), jax.local_devices())
+  try:
+    final = train.train_and_evaluate(config, FLAGS.workdir)
+  except (validation.ConfigError, train.NonFiniteLossError,
+          FileNotFoundError) as e:
+    logging.error('%s', e)
+    print(f'error: {e}', file=sys.stderr)
+    sys.exit(1)
+  if final:
+    print('final: step {step}  epoch {epoch:.2f}  loss {loss:.4f}  '
+          'top1 {top1:.2%}  top5 {top5:.2%}'.format(**final))
+
+
+if __name__ == '__main__':
+  app.run(main)

@@ -1,0 +1,77 @@
+"""Where metrics go: `workdir/metrics.jsonl`, TensorBoard events, the terminal.
+
+Only process 0 writes. metrics.jsonl has one JSON object per logged event with
+at least step, epoch, split ('train' or 'eval'), loss, top1, top5 and lr. When a
+run resumes from step s, records after s (written before the interruption, and
+about to be written again) are dropped, so the file reads like one run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import jax
+import numpy as np
+from absl import logging
+
+
+def read_metrics(workdir: str) -> list[dict]:
+  path = os.path.join(workdir, 'metrics.jsonl')
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+class MetricWriter:
+
+  def __init__(self, workdir: str, *, resume_step: int):
+    self.enabled = jax.process_index() == 0
+    self.path = os.path.join(workdir, 'metrics.jsonl')
+    self._tb = None
+    if not self.enabled:
+      return
+    kept = [r for r in read_metrics(workdir) if r['step'] <= resume_step]
+    tmp = self.path + '.tmp'
+    with open(tmp, 'w') as f:
+      f.writelines(json.dumps(r) + '\n' for r in kept)
+    os.replace(tmp, self.path)
+    try:
+      from tensorboardX import SummaryWriter
+    except ImportError:  # TensorBoard output is optional; metrics.jsonl is not.
+      logging.warning('tensorboardX is not installed: no TensorBoard events.')
+    else:
+      self._tb = SummaryWriter(os.path.join(workdir, 'tensorboard'))
+
+  def write(self, record: dict):
+    if not self.enabled:
+      return
+    record = {k: _plain(v) for k, v in record.items()}
+    with open(self.path, 'a') as f:
+      f.write(json.dumps(record) + '\n')
+    if self._tb is not None:
+      for key, value in record.items():
+        if key not in ('step', 'split') and isinstance(value, (int, float)):
+          self._tb.add_scalar(f"{record['split']}/{key}", value, record['step'])
+      self._tb.flush()
+
+  def close(self):
+    if self._tb is not None:
+      self._tb.close()
+
+
+def _plain(value):
+  if isinstance(value, (np.generic, np.ndarray, jax.Array)):
+    value = np.asarray(value).item()
+  if isinstance(value, float) and not math.isfinite(value):
+    return str(value)  # JSON has no NaN; keep the record readable.
+  return value
+
+
+def format_duration(seconds: float) -> str:
+  seconds = int(max(seconds, 0))
+  hours, rest = divmod(seconds, 3600)
+  minutes, seconds = divmod(rest, 60)
+  return f'{hours}h{minutes:02d}m' if hours else f'{minutes}m{seconds:02d}s'

@@ -1,0 +1,308 @@
+"""AlexNet in Flax Linen: the 2012 two-column network and the 2014 single column.
+
+One module serves every parallel scheme. With its partition fields left at their
+defaults it is the whole network on one device (the columns become grouped
+convolutions, LRN is applied per column). Inside `jax.shard_map` the same module,
+given the mesh axis names and the shard counts, builds only this device's share of
+every layer and says with explicit collectives where activations cross devices
+(`alexnet_jax.parallel` supplies those fields). The parameter tree of the
+single-device model is the global tree of every scheme: a device's parameters are
+slices of it along the output-feature axis.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+AxisName = str | tuple[str, ...] | None
+
+
+@dataclasses.dataclass(frozen=True)
+class Architecture:
+  """The layer table of one variant (ALEXNET.md section 1)."""
+
+  image_size: int
+  conv_features: tuple[int, int, int, int, int]
+  conv1_padding: int
+  # Number of columns: 2 in the 2012 network, whose conv2, conv4 and conv5 see
+  # only their own column's maps and whose LRN never crosses the column boundary.
+  columns: int
+  fc_features: int
+  lrn_default: bool
+  # 'after': dropout on the outputs of fc6 and fc7 (paper, section 4.2);
+  # 'before': on the inputs of fc6 and fc7 (torchvision's layout).
+  dropout_position: str
+
+
+ARCHITECTURES = {
+    'original': Architecture(
+        image_size=227, conv_features=(96, 256, 384, 384, 256), conv1_padding=0,
+        columns=2, fc_features=4096, lrn_default=True, dropout_position='after'),
+    'owt': Architecture(
+        image_size=224, conv_features=(64, 192, 384, 256, 256), conv1_padding=2,
+        columns=1, fc_features=4096, lrn_default=False,
+        dropout_position='before'),
+}
+
+# Layers whose bias starts at 1 in the paper (section 5): it gives the ReLUs
+# positive inputs early in training.
+PAPER_BIAS_ONE = ('conv2', 'conv4', 'conv5', 'fc6', 'fc7')
+CONV_LAYERS = ('conv1', 'conv2', 'conv3', 'conv4', 'conv5')
+FC_LAYERS = ('fc6', 'fc7', 'fc8')
+
+
+def lrn(x: jax.Array, *, n: int = 5, k: float = 2.0, alpha: float = 1e-4,
+        beta: float = 0.75) -> jax.Array:
+  """Local response normalisation across channels (paper, section 3.3).
+
+  b_i = a_i / (k + alpha * sum_{j=max(0, i-n//2)}^{min(N-1, i+n//2)} a_j^2)^beta
+
+  over the last (channel) axis of `x`: `alpha` multiplies the plain sum of
+  squares, and the window is clipped at the first and last channel (zero
+  padding adds nothing to the sum). The sum is taken in float32 whatever the
+  input dtype, because squares of activations overflow and lose precision in
+  bfloat16; the result has the input's dtype.
+
+  Other conventions, written with this function:
+    Caffe `LRN(local_size, alpha, beta, k)`: lrn(x, n=local_size,
+      alpha=alpha / local_size, beta=beta, k=k); the paper's layer is Caffe's
+      local_size=5, alpha=5e-4, beta=0.75, k=2 (Caffe's default k is 1).
+    PyTorch `nn.LocalResponseNorm(size, alpha, beta, k)`: the same as Caffe,
+      lrn(x, n=size, alpha=alpha / size, beta=beta, k=k).
+    cuda-convnet2 `[rnorm] size, scale, pow, minDiv`: lrn(x, n=size,
+      alpha=scale / size, beta=pow, k=minDiv).
+    TensorFlow `local_response_normalization(depth_radius, bias, alpha,
+      beta)`: lrn(x, n=2 * depth_radius + 1, k=bias, alpha=alpha, beta=beta).
+  """
+  if n < 1 or n % 2 == 0:
+    raise ValueError(f'lrn: n must be a positive odd window size, got n={n}')
+  squares = jnp.square(x.astype(jnp.float32))
+  window = (1,) * (x.ndim - 1) + (n,)
+  padding = ((0, 0),) * (x.ndim - 1) + ((n // 2, n // 2),)
+  # A Python scalar init value keeps this a sum that reverse-mode autodiff knows.
+  sums = lax.reduce_window(squares, 0.0, lax.add, window, (1,) * x.ndim, padding)
+  return (x.astype(jnp.float32) * (k + alpha * sums) ** -beta).astype(x.dtype)
+
+
+def grouped_lrn(x: jax.Array, groups: int, **lrn_kwargs) -> jax.Array:
+  """LRN applied to each group of channels separately (one group per column)."""
+  if groups == 1:
+    return lrn(x, **lrn_kwargs)
+  grouped = x.reshape(x.shape[:-1] + (groups, x.shape[-1] // groups))
+  return lrn(grouped, **lrn_kwargs).reshape(x.shape)
+
+
+def feature_map_sizes(image_size: int, variant: str, pool_window: int = 3,
+                      pool_stride: int = 2) -> dict[str, int]:
+  """Spatial size after each stage, to check an input size before compiling."""
+  arch = ARCHITECTURES[variant]
+  sizes = {}
+  s = (image_size + 2 * arch.conv1_padding - 11) // 4 + 1
+  sizes['conv1'] = s
+  s = (s - pool_window) // pool_stride + 1
+  sizes['pool1'] = s
+  sizes['conv2'] = s
+  s = (s - pool_window) // pool_stride + 1
+  sizes['pool2'] = s
+  sizes['conv3'] = sizes['conv4'] = sizes['conv5'] = s
+  s = (s - pool_window) // pool_stride + 1
+  sizes['pool5'] = s
+  return sizes
+
+
+def _initializers(init: str, layer: str):
+  if init == 'paper':
+    bias = 1.0 if layer in PAPER_BIAS_ONE else 0.0
+    return nn.initializers.normal(0.01), nn.initializers.constant(bias)
+  if init == 'he':
+    return nn.initializers.he_normal(), nn.initializers.zeros
+  raise ValueError(f"model.init_scheme must be 'paper' or 'he', got {init!r}")
+
+
+class AlexNet(nn.Module):
+  """AlexNet; `model.apply(variables, images, train=..., rngs=...)` -> logits.
+
+  Attributes:
+    variant: 'original' (2012, two columns, 227 input) or 'owt' (2014 one
+      weird trick single column, torchvision layout, 224 input).
+    num_classes: size of fc8.
+    dropout_rate: dropout probability at the two dropout sites.
+    dtype: compute dtype; parameters stay float32.
+    width: multiplies every conv and FC width (CPU-sized runs use 0.25).
+    use_lrn: None keeps the variant's default (on for 'original').
+    lrn_n, lrn_k, lrn_alpha, lrn_beta: the paper's LRN constants.
+    pool_window, pool_stride: 3/2 is the paper's overlapping pooling.
+    init_scheme: 'paper' (N(0, 0.01), biases 1 in conv2/4/5, fc6/7) or 'he'.
+
+  Partition fields (set by `alexnet_jax.parallel`; defaults = one device):
+    column_axis: mesh axis holding the columns of the 'original' network; each
+      device builds `columns / column_shards` of them.
+    column_shards: size of `column_axis`.
+    fc_axis: mesh axis (or axes) over which FC neurons are split.
+    fc_shards: total size of `fc_axis`.
+    batch_axis: mesh axis (or axes) over which the conv layers' batch is split
+      and gathered at fc6's input (the one weird trick).
+  """
+
+  variant: str = 'original'
+  num_classes: int = 1000
+  dropout_rate: float = 0.5
+  dtype: Any = jnp.float32
+  width: float = 1.0
+  use_lrn: bool | None = None
+  lrn_n: int = 5
+  lrn_k: float = 2.0
+  lrn_alpha: float = 1e-4
+  lrn_beta: float = 0.75
+  pool_window: int = 3
+  pool_stride: int = 2
+  init_scheme: str = 'paper'
+  column_axis: AxisName = None
+  column_shards: int = 1
+  fc_axis: AxisName = None
+  fc_shards: int = 1
+  batch_axis: AxisName = None
+
+  @property
+  def arch(self) -> Architecture:
+    if self.variant not in ARCHITECTURES:
+      raise ValueError(f'model.variant must be one of {sorted(ARCHITECTURES)}, '
+                       f'got {self.variant!r}')
+    return ARCHITECTURES[self.variant]
+
+  def scaled(self, features: int) -> int:
+    return max(1, int(round(features * self.width)))
+
+  def fc8_is_sharded(self) -> bool:
+    """fc8 is split like fc6/fc7 when its classes divide evenly, else replicated."""
+    return self.fc_shards > 1 and self.num_classes % self.fc_shards == 0
+
+  def _conv(self, x, layer, features, kernel, padding, groups=1, stride=1):
+    kernel_init, bias_init = _initializers(self.init_scheme, layer)
+    return nn.Conv(features, (kernel, kernel), strides=(stride, stride),
+                   padding=((padding, padding), (padding, padding)),
+                   feature_group_count=groups, dtype=self.dtype,
+                   kernel_init=kernel_init, bias_init=bias_init, name=layer)(x)
+
+  def _dense(self, x, layer, features):
+    kernel_init, bias_init = _initializers(self.init_scheme, layer)
+    return nn.Dense(features, dtype=self.dtype, kernel_init=kernel_init,
+                    bias_init=bias_init, name=layer)(x)
+
+  def _pool(self, x):
+    return nn.max_pool(x, (self.pool_window,) * 2, (self.pool_stride,) * 2)
+
+  def _lrn(self, x, columns):
+    return grouped_lrn(x, columns, n=self.lrn_n, k=self.lrn_k,
+                       alpha=self.lrn_alpha, beta=self.lrn_beta)
+
+  def _dropout(self, x, train):
+    return nn.Dropout(self.dropout_rate, deterministic=not train)(x)
+
+  def _gather_columns(self, x):
+    # Communication point of the two-column model: every column's maps.
+    if self.column_axis is None:
+      return x
+    return lax.all_gather(x, self.column_axis, axis=x.ndim - 1, tiled=True)
+
+  def _gather_neurons(self, x, *, invarying=False):
+    # FC layers split over devices: every device needs all neurons of the
+    # previous layer. The final gather feeds a loss that every device computes
+    # identically, so it must be 'invarying' or the gradients come back
+    # multiplied by the axis size.
+    if self.fc_axis is None:
+      return x
+    return lax.all_gather(x, self.fc_axis, axis=x.ndim - 1, tiled=True,
+                          to='invarying' if invarying else 'varying')
+
+  @nn.compact
+  def __call__(self, images: jax.Array, *, train: bool) -> jax.Array:
+    arch = self.arch
+    use_lrn = arch.lrn_default if self.use_lrn is None else self.use_lrn
+    if arch.columns % self.column_shards:
+      raise ValueError(f'{arch.columns} columns cannot be split over '
+                       f'{self.column_shards} devices')
+    columns = arch.columns // self.column_shards  # columns held on this device
+    per_device = lambda f: self.scaled(f) // self.column_shards
+    c1, c2, c3, c4, c5 = (per_device(f) for f in arch.conv_features)
+
+    x = images.astype(self.dtype)
+    x = nn.relu(self._conv(x, 'conv1', c1, 11, arch.conv1_padding, stride=4))
+    if use_lrn:
+      x = self._lrn(x, columns)
+    x = self._pool(x)
+    x = nn.relu(self._conv(x, 'conv2', c2, 5, 2, groups=columns))
+    if use_lrn:
+      x = self._lrn(x, columns)
+    x = self._pool(x)
+    x = self._gather_columns(x)
+    x = nn.relu(self._conv(x, 'conv3', c3, 3, 1))
+    x = nn.relu(self._conv(x, 'conv4', c4, 3, 1, groups=columns))
+    x = nn.relu(self._conv(x, 'conv5', c5, 3, 1, groups=columns))
+    x = self._pool(x)
+    # Gather channels before flattening, so fc6's weight rows keep the global
+    # (height, width, channel) order of the single-device model.
+    x = self._gather_columns(x)
+    x = x.reshape(x.shape[0], -1)
+
+    before = arch.dropout_position == 'before'
+    if before:
+      x = self._dropout(x, train)
+    if self.batch_axis is not None:
+      # One weird trick: the FC layers are model parallel over the devices
+      # that ran the convolutions data parallel, so each needs every example.
+      local_batch = x.shape[0]
+      x = lax.all_gather(x, self.batch_axis, axis=0, tiled=True)
+
+    fc = self.scaled(arch.fc_features) // self.fc_shards
+    x = nn.relu(self._dense(x, 'fc6', fc))
+    x = self._dropout(x, train)
+    x = self._gather_neurons(x)
+    x = nn.relu(self._dense(x, 'fc7', fc))
+    if not before:
+      x = self._dropout(x, train)
+    # A replicated fc8 computes the same logits on every device: its input is
+    # gathered 'invarying' so its gradient is not summed over the devices.
+    x = self._gather_neurons(x, invarying=not self.fc8_is_sharded())
+    if self.fc8_is_sharded():
+      x = self._dense(x, 'fc8', self.num_classes // self.fc_shards)
+      x = self._gather_neurons(x, invarying=True)
+    else:
+      x = self._dense(x, 'fc8', self.num_classes)
+
+    if self.batch_axis is not None:
+      # Back to this device's own examples, so the loss is per batch shard in
+      # every scheme.
+      index = lax.axis_index(self.batch_axis)
+      x = lax.dynamic_slice_in_dim(x, index * local_batch, local_batch, axis=0)
+    return x.astype(jnp.float32)
+
+
+def count_params(params) -> int:
+  return sum(int(p.size) for p in jax.tree.leaves(params))
+
+
+def layer_shapes(model: AlexNet, image_size: int) -> dict[str, tuple[int, ...]]:
+  """Output shape (batch 1) of every layer, read from the traced model."""
+  shapes = {}
+
+  def interceptor(next_fun, args, kwargs, context):
+    out = next_fun(*args, **kwargs)
+    if context.method_name == '__call__' and context.module.name:
+      shapes[context.module.name] = tuple(out.shape)
+    return out
+
+  images = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
+  with nn.intercept_methods(interceptor):
+    jax.eval_shape(lambda: model.init(jax.random.key(0), images, train=False))
+  return shapes
+
+
+def input_shape(image_size: int, batch: int = 1) -> Sequence[int]:
+  return (batch, image_size, image_size, 3)

@@ -1,0 +1,50 @@
+"""What must happen before JAX starts: simulated CPU devices and multi-process.
+
+On a machine with no accelerator, a config that needs N devices gets N CPU
+devices (XLA's host platform can pretend to be several), so the multi-device
+configs run on a laptop. Beyond one machine, JAX's own runtime joins the
+processes: `jax.distributed.initialize()` finds the coordinator itself under
+Slurm, Open MPI and Kubernetes (JobSet), or takes the explicit flags.
+"""
+
+from absl import flags, logging
+
+_COORDINATOR = flags.DEFINE_string(
+    'coordinator_address', None, 'host:port of process 0 (multi-process).')
+_NUM_PROCESSES = flags.DEFINE_integer('num_processes', None,
+                                      'Number of processes (multi-process).')
+_PROCESS_ID = flags.DEFINE_integer('process_id', None,
+                                   'This process, 0..num_processes-1.')
+_DISTRIBUTED = flags.DEFINE_bool(
+    'distributed', False, 'Call jax.distributed.initialize() with cluster '
+    'auto-detection (Slurm, Open MPI, Kubernetes).')
+
+
+def define_distributed_flags():
+  """The flags are defined at import; this marks where a main uses them."""
+
+
+def cpu_devices_needed(config) -> int:
+  if config.parallelism == 'none':
+    return 1
+  return config.num_devices if config.num_devices > 0 else config.cpu_devices
+
+
+def setup(config, *, num_cpu_devices: int | None = None) -> None:
+  import jax
+  needed = num_cpu_devices or cpu_devices_needed(config)
+  explicit = _COORDINATOR.value is not None
+  distributed = explicit or _DISTRIBUTED.value
+  if needed > 1:
+    # Only the CPU backend reads this: on a GPU machine it changes nothing.
+    per_process = needed // (_NUM_PROCESSES.value or 1) if explicit else needed
+    jax.config.update('jax_num_cpu_devices', max(per_process, 1))
+  if distributed:
+    if explicit:
+      jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
+                                 num_processes=_NUM_PROCESSES.value,
+                                 process_id=_PROCESS_ID.value)
+    else:
+      jax.distributed.initialize()
+    logging.info('jax.distributed: process %d of %d', jax.process_index(),
+                 jax.process_count())

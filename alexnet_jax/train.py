@@ -1,0 +1,367 @@
+"""Training and evaluation: one train step for every parallel scheme.
+
+The step computes gradients inside `jax.shard_map` (the model's collectives
+decide what crosses devices) and applies the optax update outside it under
+`jax.jit`, where the update is elementwise on arrays that already carry their
+shardings. `train_and_evaluate` is the one entry point of the command line,
+the notebooks and the tests.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import signal
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import logging
+from jax.sharding import PartitionSpec as P
+
+from alexnet_jax import (checkpointing, data, metrics_io, models, optim,
+                         parallel, validation)
+
+State = dict[str, Any]
+
+
+class NonFiniteLossError(RuntimeError):
+  """The loss became NaN or infinite; the run stopped before saving it."""
+
+
+def create_model(config) -> models.AlexNet:
+  m = config.model
+  return models.AlexNet(
+      variant=m.variant, num_classes=m.num_classes,
+      dropout_rate=m.dropout_rate, dtype=jnp.dtype(m.dtype), width=m.width,
+      use_lrn={'default': None, 'on': True, 'off': False}[m.lrn],
+      lrn_n=m.lrn_n, lrn_k=m.lrn_k, lrn_alpha=m.lrn_alpha,
+      lrn_beta=m.lrn_beta, pool_window=m.pool_window,
+      pool_stride=m.pool_stride, init_scheme=m.init_scheme)
+
+
+def select_devices(config) -> list:
+  devices = jax.devices()
+  wanted = config.num_devices
+  if config.parallelism == 'none':
+    wanted = 1
+  if wanted == -1:
+    return devices
+  if len(devices) < wanted:
+    platform = devices[0].platform
+    raise validation.ConfigError(
+        f'config.num_devices={wanted} ({config.parallelism}) but this '
+        f'machine has {len(devices)} {platform} device(s). Run a config for '
+        f'{len(devices)} device(s) instead, e.g. configs/one_gpu.py or '
+        f'--config.parallelism=data --config.num_devices={len(devices)}.')
+  return devices[:wanted]
+
+
+# The train state is a plain dict, so every scheme and the checkpoint share it.
+def create_train_state(model: models.AlexNet, tx, scheme: parallel.Scheme,
+                       image_size: int, seed: int):
+  """Initialises the global parameters directly onto the mesh.
+
+  Returns the state and its shardings (a tree of NamedSharding)."""
+  images = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
+  init = lambda: model.init(jax.random.key(seed), images, train=False)['params']
+  param_specs = scheme.param_specs(jax.eval_shape(init), model)
+  param_shardings = jax.tree.map(scheme.sharding, param_specs,
+                                 is_leaf=lambda x: isinstance(x, P))
+  params = jax.jit(init, out_shardings=param_shardings)()
+  opt_shapes = jax.eval_shape(tx.init, params)
+  replicated = scheme.sharding(P())
+  opt_shardings = optax.tree_map_params(
+      tx, lambda _, s: s, opt_shapes, param_shardings,
+      transform_non_params=lambda _: replicated,
+      is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))
+  opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(params)
+  state = {'step': jax.device_put(jnp.zeros((), jnp.int32), replicated),
+           'params': params, 'opt_state': opt_state}
+  shardings = {'step': replicated, 'params': param_shardings,
+               'opt_state': opt_shardings}
+  return state, shardings
+
+
+def _metrics(logits, labels, weights):
+  """Sums over the local examples: loss, top-1 and top-5 hits, count."""
+  loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+  k = min(5, logits.shape[-1])
+  top_k = jax.lax.top_k(logits, k)[1]
+  hits = top_k == labels[:, None]
+  return {'loss': jnp.sum(loss * weights),
+          'top1': jnp.sum(hits[:, 0] * weights),
+          'top5': jnp.sum(jnp.any(hits, axis=-1) * weights),
+          'count': jnp.sum(weights)}
+
+
+def make_train_step(model: models.AlexNet, tx, scheme: parallel.Scheme,
+                    state_shardings, lr_multipliers=None):
+  """Returns `train_step(state, batch, lr, rng) -> (state, metrics)`, jitted.
+
+  `metrics` holds the global batch's mean loss, top-1 and top-5.
+  """
+  local_model = scheme.local_model(model)
+  param_specs = jax.tree.map(lambda s: s.spec, state_shardings['params'])
+
+  def device_grads(params, batch, rng):
+    # Every device draws its own dropout masks: column halves and batch shards.
+    rng = jax.random.fold_in(rng, parallel.device_index(scheme))
+
+    def loss_fn(params):
+      logits = local_model.apply({'params': params}, batch['image'],
+                                 train=True, rngs={'dropout': rng})
+      sums = _metrics(logits, batch['label'], jnp.ones(logits.shape[0]))
+      # The mean over the global batch. The gradient of a replicated
+      # parameter is summed over the batch axes by shard_map's transpose of
+      # the implicit broadcast, so no psum of the gradients follows.
+      sums = jax.lax.psum(sums, scheme.batch_axes)
+      means = {k: v / sums['count'] for k, v in sums.items() if k != 'count'}
+      return means['loss'], means
+
+    grads, metrics = jax.grad(loss_fn, has_aux=True)(params)
+    return grads, metrics
+
+  grads_fn = jax.shard_map(
+      device_grads, mesh=scheme.mesh,
+      in_specs=(param_specs, scheme.batch_spec, P()),
+      out_specs=(param_specs, P()))
+
+  def train_step(state, batch, lr, rng):
+    params = state['params']
+    grads, metrics = grads_fn(params, batch, rng)
+    opt_state = state['opt_state']
+    opt_state.hyperparams['learning_rate'] = lr
+    updates, opt_state = tx.update(grads, opt_state, params)
+    if lr_multipliers is not None:
+      updates = jax.tree.map(lambda u, m: u * m, updates, lr_multipliers)
+    params = optax.apply_updates(params, updates)
+    return {'step': state['step'] + 1, 'params': params,
+            'opt_state': opt_state}, metrics
+
+  return jax.jit(train_step, donate_argnums=0,
+                 out_shardings=(state_shardings, None))
+
+
+def make_eval_step(model: models.AlexNet, scheme: parallel.Scheme,
+                   param_shardings):
+  """Returns `eval_step(params, batch) -> sums` (loss, top1, top5, count)."""
+  local_model = scheme.local_model(model)
+  param_specs = jax.tree.map(lambda s: s.spec, param_shardings)
+
+  def device_sums(params, batch):
+    logits = local_model.apply({'params': params}, batch['image'], train=False)
+    return jax.lax.psum(_metrics(logits, batch['label'], batch['mask']),
+                        scheme.batch_axes)
+
+  return jax.jit(jax.shard_map(device_sums, mesh=scheme.mesh,
+                               in_specs=(param_specs, scheme.batch_spec),
+                               out_specs=P()))
+
+
+def global_batch(scheme: parallel.Scheme, local: data.Batch):
+  """Assembles the global batch from every process's local part."""
+  sharding = scheme.sharding(scheme.batch_spec)
+  return {k: jax.make_array_from_process_local_data(sharding, v)
+          for k, v in local.items()}
+
+
+def evaluate(eval_step, params, dataset: data.Dataset, scheme, config) -> dict:
+  totals = None
+  for batch in dataset.eval_batches(batch_size=config.eval_batch_size,
+                                    process_index=jax.process_index(),
+                                    process_count=jax.process_count()):
+    sums = eval_step(params, global_batch(scheme, batch))
+    totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+  totals = jax.device_get(totals)
+  count = float(totals['count'])
+  return {k: float(totals[k]) / count for k in ('loss', 'top1', 'top5')}
+
+
+class _Preemption:
+  """Turns SIGTERM into a flag the loop checks after each step."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = None
+
+  def __enter__(self):
+    try:
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+    except ValueError:  # not the main thread (e.g. some notebook kernels)
+      self._previous = None
+    return self
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    logging.warning('SIGTERM received: saving a checkpoint, then exiting.')
+    self.requested = True
+
+  def __exit__(self, *exc):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
+def train_and_evaluate(config, workdir: str) -> dict:
+  """Trains `config` in `workdir`, resuming from its latest checkpoint.
+
+  Returns the final validation metrics: {'step', 'epoch', 'loss', 'top1',
+  'top5'} (top-k as fractions), plus 'preempted': True if SIGTERM stopped it.
+  """
+  validation.check_config(config)
+  devices = select_devices(config)
+  scheme = parallel.make_scheme(config.parallelism, devices,
+                                tuple(config.mesh_shape))
+  validation.check_layout(config, scheme, jax.process_count())
+  image_size = validation.image_size(config)
+  dataset = data.get_dataset(config, image_size)
+  validation.check_dataset(config, dataset)
+
+  model = create_model(config)
+  tx = optim.make_optimizer(config)
+  steps_per_epoch = dataset.steps_per_epoch(config.batch_size)
+  total_steps = (config.num_train_steps if config.num_train_steps > 0
+                 else config.num_epochs * steps_per_epoch)
+  eval_every = (config.eval_every_steps if config.eval_every_steps > 0
+                else steps_per_epoch)
+  logging.info('%s on mesh %s (%s devices), %d steps of %d, %d per epoch',
+               scheme.name, dict(scheme.mesh.shape), devices[0].platform,
+               total_steps, config.batch_size, steps_per_epoch)
+
+  state, shardings = create_train_state(model, tx, scheme, image_size,
+                                        config.seed)
+  logging.info('%s parameters', f"{models.count_params(state['params']):,}")
+  schedule = optim.init_schedule_state(config)
+  ckpt = checkpointing.Checkpointer(
+      workdir, max_to_keep=config.max_checkpoints_to_keep,
+      every_steps=config.checkpoint_every_steps)
+  meta = {'eval': None}
+  latest = ckpt.latest_step()
+  if latest is not None:
+    state, schedule, meta = ckpt.restore(
+        latest, checkpointing.abstract(state, shardings),
+        checkpointing.abstract(schedule, jax.tree.map(
+            lambda _: jax.sharding.SingleDeviceSharding(jax.devices()[0]),
+            schedule)))
+    logging.info('Resuming at step %d', latest)
+  start_step = int(jax.device_get(state['step']))
+  writer = metrics_io.MetricWriter(workdir, resume_step=start_step)
+
+  lr_multipliers = None
+  if config.optimizer.batch_scaling != 'none':
+    lr_multipliers = optim.layer_lr_multipliers(config, state['params'])
+  train_step = make_train_step(model, tx, scheme, shardings, lr_multipliers)
+  eval_step = make_eval_step(model, scheme, shardings['params'])
+  base_rng = jax.random.key(config.seed + 1)
+  batches = dataset.train_batches(
+      batch_size=config.batch_size, seed=config.seed, start_step=start_step,
+      process_index=jax.process_index(), process_count=jax.process_count())
+
+  pending: list[tuple[int, dict]] = []  # per-step metrics not yet checked
+  last_good = latest
+
+  def check_finite():
+    """Fetches the pending metrics; stops the run at the first bad step."""
+    fetched = [(s, jax.device_get(m)) for s, m in pending]
+    for s, m in fetched:
+      if not math.isfinite(float(m['loss'])):
+        writer.write({'step': s, 'epoch': s / steps_per_epoch,
+                      'split': 'train', 'loss': float(m['loss']),
+                      'top1': float('nan'), 'top5': float('nan'),
+                      'lr': float('nan')})
+        where = (f'the last good checkpoint is step {last_good} in '
+                 f'{ckpt.directory}' if last_good is not None
+                 else 'no checkpoint was written')
+        raise NonFiniteLossError(
+            f'Non-finite training loss ({float(m["loss"])}) at step {s} '
+            f'(epoch {s / steps_per_epoch:.2f}); {where}. Lower '
+            '--config.optimizer.learning_rate or check the input data.')
+    return fetched
+
+  def save(step, force=False):
+    nonlocal last_good
+    check_finite()
+    meta['step'] = step
+    if ckpt.save(step, state, schedule, meta, force=force):
+      last_good = step
+
+  lr = optim.learning_rate(config, start_step, steps_per_epoch, schedule)
+  window_start, window_step = time.time(), start_step
+  preempted = False
+  with _Preemption() as preemption:
+    for step in range(start_step + 1, total_steps + 1):
+      batch = global_batch(scheme, next(batches))
+      state, metrics = train_step(state, batch, lr,
+                                  jax.random.fold_in(base_rng, step))
+      pending.append((step, metrics))
+
+      if step % config.log_every_steps == 0 or step == total_steps:
+        fetched = check_finite()
+        pending.clear()
+        elapsed = time.time() - window_start
+        steps_per_sec = (step - window_step) / max(elapsed, 1e-9)
+        window_start, window_step = time.time(), step
+        means = {k: float(np.mean([m[k] for _, m in fetched]))
+                 for k in ('loss', 'top1', 'top5')}
+        images_per_sec = steps_per_sec * config.batch_size
+        writer.write({'step': step, 'epoch': step / steps_per_epoch,
+                      'split': 'train', **means, 'lr': lr,
+                      'images_per_sec': images_per_sec})
+        logging.info(
+            'step %d/%d  epoch %.2f  loss %.4f  top1 %.2f%%  top5 %.2f%%  '
+            'lr %.2g  %.0f img/s  ETA %s', step, total_steps,
+            step / steps_per_epoch, means['loss'], 100 * means['top1'],
+            100 * means['top5'], lr, images_per_sec,
+            metrics_io.format_duration((total_steps - step) / steps_per_sec))
+
+      if step % eval_every == 0 or step == total_steps:
+        check_finite()
+        result = evaluate(eval_step, state['params'], dataset, scheme, config)
+        schedule = optim.update_schedule_state(config, schedule,
+                                               1.0 - result['top1'])
+        meta['eval'] = {'step': step, 'epoch': step / steps_per_epoch,
+                        **result}
+        writer.write({'step': step, 'epoch': step / steps_per_epoch,
+                      'split': 'eval', **result, 'lr': lr})
+        logging.info('eval at step %d: loss %.4f  top1 %.2f%%  top5 %.2f%%',
+                     step, result['loss'], 100 * result['top1'],
+                     100 * result['top5'])
+        _warn_if_flat(result['loss'], config.model.num_classes, step,
+                      config.model.init_scheme)
+        save(step, force=True)
+
+      if step % config.checkpoint_every_steps == 0:
+        save(step)
+      lr = optim.learning_rate(config, step, steps_per_epoch, schedule)
+      if preemption.requested:
+        save(step, force=True)
+        preempted = True
+        logging.warning('Preempted at step %d; run the same command to '
+                        'resume.', step)
+        break
+
+  if start_step >= total_steps:
+    logging.info('Already trained for %d steps; nothing to do.', total_steps)
+  ckpt.wait()
+  ckpt.close()
+  writer.close()
+  final = dict(meta['eval'] or {})
+  if preempted:
+    final['preempted'] = True
+  return final
+
+
+def _warn_if_flat(loss: float, num_classes: int, step: int, init_scheme: str):
+  # A loss stuck at ln(C) means the network predicts uniformly: with the
+  # paper's initialisation (biases of 1) small networks stay there for many
+  # epochs (Caffe saw the same and used 0.1). Say so instead of looking hung.
+  if abs(loss - math.log(num_classes)) < 0.01 * math.log(num_classes):
+    logging.warning(
+        'Validation loss %.4f at step %d is ln(%d): the network still predicts '
+        'uniformly.%s', loss, step, num_classes,
+        " The paper's initialisation is known to stay flat for a long time on "
+        'scaled-down networks; --config.model.init_scheme=he avoids it.'
+        if init_scheme == 'paper' else '')
