@@ -98,14 +98,13 @@ def _metrics(logits, labels, weights):
           'count': jnp.sum(weights)}
 
 
-def make_train_step(model: models.AlexNet, tx, scheme: parallel.Scheme,
-                    state_shardings, lr_multipliers=None):
-  """Returns `train_step(state, batch, lr, rng) -> (state, metrics)`, jitted.
+def make_grad_fn(model: models.AlexNet, scheme: parallel.Scheme, param_specs):
+  """Returns `grad_fn(params, batch, rng) -> (grads, metrics)` over the mesh.
 
-  `metrics` holds the global batch's mean loss, top-1 and top-5.
+  Gradients are of the mean loss over the global batch, with the parameters'
+  own shardings; `metrics` holds that batch's mean loss, top-1 and top-5.
   """
   local_model = scheme.local_model(model)
-  param_specs = jax.tree.map(lambda s: s.spec, state_shardings['params'])
 
   def device_grads(params, batch, rng):
     # Every device draws its own dropout masks: column halves and batch shards.
@@ -122,13 +121,21 @@ def make_train_step(model: models.AlexNet, tx, scheme: parallel.Scheme,
       means = {k: v / sums['count'] for k, v in sums.items() if k != 'count'}
       return means['loss'], means
 
-    grads, metrics = jax.grad(loss_fn, has_aux=True)(params)
-    return grads, metrics
+    return jax.grad(loss_fn, has_aux=True)(params)
 
-  grads_fn = jax.shard_map(
-      device_grads, mesh=scheme.mesh,
-      in_specs=(param_specs, scheme.batch_spec, P()),
-      out_specs=(param_specs, P()))
+  return jax.shard_map(device_grads, mesh=scheme.mesh,
+                       in_specs=(param_specs, scheme.batch_spec, P()),
+                       out_specs=(param_specs, P()))
+
+
+def make_train_step(model: models.AlexNet, tx, scheme: parallel.Scheme,
+                    state_shardings, lr_multipliers=None):
+  """Returns `train_step(state, batch, lr, rng) -> (state, metrics)`, jitted.
+
+  `metrics` holds the global batch's mean loss, top-1 and top-5.
+  """
+  param_specs = jax.tree.map(lambda s: s.spec, state_shardings['params'])
+  grads_fn = make_grad_fn(model, scheme, param_specs)
 
   def train_step(state, batch, lr, rng):
     params = state['params']
