@@ -1,10 +1,10 @@
 """Datasets behind one small interface.
 
 A dataset yields host-local NumPy batches. Every process computes the same
-global batch order from (seed, epoch) and keeps its own contiguous slice of each
-global batch, so the examples a step sees do not depend on how many processes
-share the work, and a run resumed at step s reads exactly what an uninterrupted
-run reads from step s on.
+global batch order from (seed, epoch) and keeps the rows of each global batch
+that its devices hold (`rows`, read from the batch sharding), so the examples a
+step sees do not depend on how many processes share the work, and a run resumed
+at step s reads exactly what an uninterrupted run reads from step s on.
 
   digits        scikit-learn's bundled handwritten digits: real data that
                 ships inside the wheel, so a first run needs no download.
@@ -46,27 +46,27 @@ class Dataset(abc.ABC):
     return np.random.default_rng([seed, epoch]).permutation(self.num_train)
 
   def train_batches(self, *, batch_size: int, seed: int, start_step: int = 0,
-                    process_index: int = 0, process_count: int = 1
-                    ) -> Iterator[Batch]:
-    """This process's part of every global batch from `start_step` on."""
+                    rows: tuple[int, int] | None = None) -> Iterator[Batch]:
+    """Rows [start, stop) of every global batch from `start_step` on (all rows
+    by default)."""
     steps = self.steps_per_epoch(batch_size)
-    local = batch_size // process_count
+    first, last = rows or (0, batch_size)
     step = start_step
     while True:
       epoch, index = divmod(step, steps)
       order = self.epoch_order(seed, epoch)
-      start = index * batch_size + process_index * local
-      yield self._train_examples(order[start:start + local])
+      start = index * batch_size
+      yield self._train_examples(order[start + first:start + last])
       step += 1
 
-  def eval_batches(self, *, batch_size: int, process_index: int = 0,
-                   process_count: int = 1) -> Iterator[Batch]:
-    """The whole validation split; the last batch is padded, `mask` marks the
-    real examples so that every one is counted exactly once."""
-    local = batch_size // process_count
+  def eval_batches(self, *, batch_size: int,
+                   rows: tuple[int, int] | None = None) -> Iterator[Batch]:
+    """The whole validation split, rows [start, stop) of each batch; the last
+    batch is padded and `mask` marks the real examples, so that every one is
+    counted exactly once."""
+    first, last = rows or (0, batch_size)
     for start in range(0, self.num_eval, batch_size):
-      indices = np.arange(start + process_index * local,
-                          start + (process_index + 1) * local)
+      indices = np.arange(start + first, start + last)
       mask = indices < self.num_eval
       batch = self._eval_examples(np.where(mask, indices, 0))
       batch['mask'] = mask.astype(np.float32)

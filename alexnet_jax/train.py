@@ -169,6 +169,25 @@ def make_eval_step(model: models.AlexNet, scheme: parallel.Scheme,
                                out_specs=P()))
 
 
+def process_rows(scheme: parallel.Scheme, batch_size: int) -> tuple[int, int]:
+  """The rows of a global batch that this process's devices hold.
+
+  Read from the batch sharding, so it is right for any mesh: under
+  'two_column' two processes holding the two columns of one data-parallel
+  replica both need the same rows.
+  """
+  sharding = scheme.sharding(scheme.batch_spec)
+  index_map = sharding.addressable_devices_indices_map((batch_size,))
+  spans = sorted({(s[0].start or 0, batch_size if s[0].stop is None
+                   else s[0].stop) for s in index_map.values()})
+  first, last = spans[0][0], spans[-1][1]
+  covered = sum(stop - start for start, stop in spans)
+  if covered != last - first:
+    raise ValueError(f'This process holds non-contiguous rows {spans} of the '
+                     f'batch on mesh {dict(scheme.mesh.shape)}')
+  return first, last
+
+
 def global_batch(scheme: parallel.Scheme, local: data.Batch):
   """Assembles the global batch from every process's local part."""
   sharding = scheme.sharding(scheme.batch_spec)
@@ -178,9 +197,9 @@ def global_batch(scheme: parallel.Scheme, local: data.Batch):
 
 def evaluate(eval_step, params, dataset: data.Dataset, scheme, config) -> dict:
   totals = None
+  rows = process_rows(scheme, config.eval_batch_size)
   for batch in dataset.eval_batches(batch_size=config.eval_batch_size,
-                                    process_index=jax.process_index(),
-                                    process_count=jax.process_count()):
+                                    rows=rows):
     sums = eval_step(params, global_batch(scheme, batch))
     totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
   totals = jax.device_get(totals)
@@ -265,7 +284,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   base_rng = jax.random.key(config.seed + 1)
   batches = dataset.train_batches(
       batch_size=config.batch_size, seed=config.seed, start_step=start_step,
-      process_index=jax.process_index(), process_count=jax.process_count())
+      rows=process_rows(scheme, config.batch_size))
 
   pending: list[tuple[int, dict]] = []  # per-step metrics not yet checked
   last_good = latest
