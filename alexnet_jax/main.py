@@ -46,7 +46,9 @@ def main(argv):
     logging.error('%s', e)
     print(f'error: {e}', file=sys.stderr)
     sys.exit(1)
-  if final:
+  if final.get('preempted'):
+    print('preempted: checkpoint saved; run the same command to resume')
+  elif final.get('step') is not None:
     print('final: step {step}  epoch {epoch:.2f}  loss {loss:.4f}  '
           'top1 {top1:.2%}  top5 {top5:.2%}'.format(**final))
 

@@ -65,9 +65,9 @@ def lrn(x: jax.Array, *, n: int = 5, k: float = 2.0, alpha: float = 1e-4,
 
   over the last (channel) axis of `x`: `alpha` multiplies the plain sum of
   squares, and the window is clipped at the first and last channel (zero
-  padding adds nothing to the sum). The sum is taken in float32 whatever the
-  input dtype, because squares of activations overflow and lose precision in
-  bfloat16; the result has the input's dtype.
+  padding adds nothing to the sum). The sum is taken in at least float32,
+  because squares of activations lose precision in bfloat16; the result has
+  the input's dtype.
 
   Other conventions, written with this function:
     Caffe `LRN(local_size, alpha, beta, k)`: lrn(x, n=local_size,
@@ -82,12 +82,13 @@ def lrn(x: jax.Array, *, n: int = 5, k: float = 2.0, alpha: float = 1e-4,
   """
   if n < 1 or n % 2 == 0:
     raise ValueError(f'lrn: n must be a positive odd window size, got n={n}')
-  squares = jnp.square(x.astype(jnp.float32))
+  wide = jnp.promote_types(x.dtype, jnp.float32)
+  squares = jnp.square(x.astype(wide))
   window = (1,) * (x.ndim - 1) + (n,)
   padding = ((0, 0),) * (x.ndim - 1) + ((n // 2, n // 2),)
   # A Python scalar init value keeps this a sum that reverse-mode autodiff knows.
   sums = lax.reduce_window(squares, 0.0, lax.add, window, (1,) * x.ndim, padding)
-  return (x.astype(jnp.float32) * (k + alpha * sums) ** -beta).astype(x.dtype)
+  return (x.astype(wide) * (k + alpha * sums) ** -beta).astype(x.dtype)
 
 
 def grouped_lrn(x: jax.Array, groups: int, **lrn_kwargs) -> jax.Array:
@@ -133,7 +134,8 @@ class AlexNet(nn.Module):
       weird trick single column, torchvision layout, 224 input).
     num_classes: size of fc8.
     dropout_rate: dropout probability at the two dropout sites.
-    dtype: compute dtype; parameters stay float32.
+    dtype: compute dtype.
+    param_dtype: parameter dtype: float32, or float64 for exact comparisons.
     width: multiplies every conv and FC width (CPU-sized runs use 0.25).
     use_lrn: None keeps the variant's default (on for 'original').
     lrn_n, lrn_k, lrn_alpha, lrn_beta: the paper's LRN constants.
@@ -154,6 +156,7 @@ class AlexNet(nn.Module):
   num_classes: int = 1000
   dropout_rate: float = 0.5
   dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
   width: float = 1.0
   use_lrn: bool | None = None
   lrn_n: int = 5
@@ -188,12 +191,14 @@ class AlexNet(nn.Module):
     return nn.Conv(features, (kernel, kernel), strides=(stride, stride),
                    padding=((padding, padding), (padding, padding)),
                    feature_group_count=groups, dtype=self.dtype,
+                   param_dtype=self.param_dtype,
                    kernel_init=kernel_init, bias_init=bias_init, name=layer)(x)
 
   def _dense(self, x, layer, features):
     kernel_init, bias_init = _initializers(self.init_scheme, layer)
-    return nn.Dense(features, dtype=self.dtype, kernel_init=kernel_init,
-                    bias_init=bias_init, name=layer)(x)
+    return nn.Dense(features, dtype=self.dtype, param_dtype=self.param_dtype,
+                    kernel_init=kernel_init, bias_init=bias_init,
+                    name=layer)(x)
 
   def _pool(self, x):
     return nn.max_pool(x, (self.pool_window,) * 2, (self.pool_stride,) * 2)
@@ -281,7 +286,8 @@ class AlexNet(nn.Module):
       # every scheme.
       index = lax.axis_index(self.batch_axis)
       x = lax.dynamic_slice_in_dim(x, index * local_batch, local_batch, axis=0)
-    return x.astype(jnp.float32)
+    # Logits for the softmax in at least float32, whatever the compute dtype.
+    return x.astype(jnp.promote_types(self.dtype, jnp.float32))
 
 
 def count_params(params) -> int:

@@ -36,7 +36,9 @@ def create_model(config) -> models.AlexNet:
   m = config.model
   return models.AlexNet(
       variant=m.variant, num_classes=m.num_classes,
-      dropout_rate=m.dropout_rate, dtype=jnp.dtype(m.dtype), width=m.width,
+      dropout_rate=m.dropout_rate, dtype=jnp.dtype(m.dtype),
+      param_dtype=jnp.float64 if m.dtype == 'float64' else jnp.float32,
+      width=m.width,
       use_lrn={'default': None, 'on': True, 'off': False}[m.lrn],
       lrn_n=m.lrn_n, lrn_k=m.lrn_k, lrn_alpha=m.lrn_alpha,
       lrn_beta=m.lrn_beta, pool_window=m.pool_window,
@@ -98,6 +100,25 @@ def _metrics(logits, labels, weights):
           'count': jnp.sum(weights)}
 
 
+def _spec_axes(spec: P) -> set[str]:
+  axes = set()
+  for entry in spec:
+    if isinstance(entry, tuple):
+      axes.update(entry)
+    elif entry is not None:
+      axes.add(entry)
+  return axes
+
+
+def _to_varying(path, param, axes):
+  if not axes:
+    return param
+  # Named after the layer, so that the communication report can tell which
+  # parameter's gradient each all-reduce carries.
+  with jax.named_scope(path[0].key):
+    return jax.lax.pcast(param, axes, to='varying')
+
+
 def make_grad_fn(model: models.AlexNet, scheme: parallel.Scheme, param_specs):
   """Returns `grad_fn(params, batch, rng) -> (grads, metrics)` over the mesh.
 
@@ -105,18 +126,29 @@ def make_grad_fn(model: models.AlexNet, scheme: parallel.Scheme, param_specs):
   own shardings; `metrics` holds that batch's mean loss, top-1 and top-5.
   """
   local_model = scheme.local_model(model)
+  # Mesh axes over which each parameter is replicated while the batch is
+  # split: its gradient is summed over them.
+  replicated_over = jax.tree.map(
+      lambda spec: tuple(a for a in scheme.batch_axes
+                         if a not in _spec_axes(spec)),
+      param_specs, is_leaf=lambda x: isinstance(x, P))
 
   def device_grads(params, batch, rng):
     # Every device draws its own dropout masks: column halves and batch shards.
     rng = jax.random.fold_in(rng, parallel.device_index(scheme))
 
     def loss_fn(params):
+      # Marking the float32 parameters per-device here puts the gradient sum
+      # (the transpose of this cast) on float32 values; left implicit, it
+      # would happen after the model's cast to its compute dtype, in bfloat16.
+      params = jax.tree_util.tree_map_with_path(
+          _to_varying, params, replicated_over)
       logits = local_model.apply({'params': params}, batch['image'],
                                  train=True, rngs={'dropout': rng})
       sums = _metrics(logits, batch['label'], jnp.ones(logits.shape[0]))
       # The mean over the global batch. The gradient of a replicated
-      # parameter is summed over the batch axes by shard_map's transpose of
-      # the implicit broadcast, so no psum of the gradients follows.
+      # parameter is summed over the batch axes by the transpose of the cast
+      # above, so no psum of the gradients follows.
       sums = jax.lax.psum(sums, scheme.batch_axes)
       means = {k: v / sums['count'] for k, v in sums.items() if k != 'count'}
       return means['loss'], means
@@ -238,6 +270,13 @@ def train_and_evaluate(config, workdir: str) -> dict:
   'top5'} (top-k as fractions), plus 'preempted': True if SIGTERM stopped it.
   """
   validation.check_config(config)
+  # float64 needs JAX's 64-bit mode; scoped to this run, so a notebook or a
+  # test that trains in float32 afterwards is unaffected.
+  with jax.enable_x64(config.model.dtype == 'float64'):
+    return _train_and_evaluate(config, workdir)
+
+
+def _train_and_evaluate(config, workdir: str) -> dict:
   devices = select_devices(config)
   scheme = parallel.make_scheme(config.parallelism, devices,
                                 tuple(config.mesh_shape))
@@ -298,6 +337,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
                       'split': 'train', 'loss': float(m['loss']),
                       'top1': float('nan'), 'top5': float('nan'),
                       'lr': float('nan')})
+        # The last good checkpoint may still be being written in the
+        # background: it must be complete before the error ends the process.
+        ckpt.wait()
         where = (f'the last good checkpoint is step {last_good} in '
                  f'{ckpt.directory}' if last_good is not None
                  else 'no checkpoint was written')
@@ -317,63 +359,66 @@ def train_and_evaluate(config, workdir: str) -> dict:
   lr = optim.learning_rate(config, start_step, steps_per_epoch, schedule)
   window_start, window_step = time.time(), start_step
   preempted = False
-  with _Preemption() as preemption:
-    for step in range(start_step + 1, total_steps + 1):
-      batch = global_batch(scheme, next(batches))
-      state, metrics = train_step(state, batch, lr,
-                                  jax.random.fold_in(base_rng, step))
-      pending.append((step, metrics))
+  try:
+    with _Preemption() as preemption:
+      for step in range(start_step + 1, total_steps + 1):
+        batch = global_batch(scheme, next(batches))
+        state, metrics = train_step(state, batch, lr,
+                                    jax.random.fold_in(base_rng, step))
+        pending.append((step, metrics))
 
-      if step % config.log_every_steps == 0 or step == total_steps:
-        fetched = check_finite()
-        pending.clear()
-        elapsed = time.time() - window_start
-        steps_per_sec = (step - window_step) / max(elapsed, 1e-9)
-        window_start, window_step = time.time(), step
-        means = {k: float(np.mean([m[k] for _, m in fetched]))
-                 for k in ('loss', 'top1', 'top5')}
-        images_per_sec = steps_per_sec * config.batch_size
-        writer.write({'step': step, 'epoch': step / steps_per_epoch,
-                      'split': 'train', **means, 'lr': lr,
-                      'images_per_sec': images_per_sec})
-        logging.info(
-            'step %d/%d  epoch %.2f  loss %.4f  top1 %.2f%%  top5 %.2f%%  '
-            'lr %.2g  %.0f img/s  ETA %s', step, total_steps,
-            step / steps_per_epoch, means['loss'], 100 * means['top1'],
-            100 * means['top5'], lr, images_per_sec,
-            metrics_io.format_duration((total_steps - step) / steps_per_sec))
+        if step % config.log_every_steps == 0 or step == total_steps:
+          fetched = check_finite()
+          pending.clear()
+          elapsed = time.time() - window_start
+          steps_per_sec = (step - window_step) / max(elapsed, 1e-9)
+          window_start, window_step = time.time(), step
+          means = {k: float(np.mean([m[k] for _, m in fetched]))
+                   for k in ('loss', 'top1', 'top5')}
+          images_per_sec = steps_per_sec * config.batch_size
+          writer.write({'step': step, 'epoch': step / steps_per_epoch,
+                        'split': 'train', **means, 'lr': lr,
+                        'images_per_sec': images_per_sec})
+          logging.info(
+              'step %d/%d  epoch %.2f  loss %.4f  top1 %.2f%%  top5 %.2f%%  '
+              'lr %.2g  %.0f img/s  ETA %s', step, total_steps,
+              step / steps_per_epoch, means['loss'], 100 * means['top1'],
+              100 * means['top5'], lr, images_per_sec,
+              metrics_io.format_duration((total_steps - step) / steps_per_sec))
 
-      if step % eval_every == 0 or step == total_steps:
-        check_finite()
-        result = evaluate(eval_step, state['params'], dataset, scheme, config)
-        schedule = optim.update_schedule_state(config, schedule,
-                                               1.0 - result['top1'])
-        meta['eval'] = {'step': step, 'epoch': step / steps_per_epoch,
-                        **result}
-        writer.write({'step': step, 'epoch': step / steps_per_epoch,
-                      'split': 'eval', **result, 'lr': lr})
-        logging.info('eval at step %d: loss %.4f  top1 %.2f%%  top5 %.2f%%',
-                     step, result['loss'], 100 * result['top1'],
-                     100 * result['top5'])
-        _warn_if_flat(result['loss'], config.model.num_classes, step,
-                      config.model.init_scheme)
-        save(step, force=True)
+        if step % eval_every == 0 or step == total_steps:
+          check_finite()
+          result = evaluate(eval_step, state['params'], dataset, scheme, config)
+          schedule = optim.update_schedule_state(config, schedule,
+                                                 1.0 - result['top1'])
+          meta['eval'] = {'step': step, 'epoch': step / steps_per_epoch,
+                          **result}
+          writer.write({'step': step, 'epoch': step / steps_per_epoch,
+                        'split': 'eval', **result, 'lr': lr})
+          logging.info('eval at step %d: loss %.4f  top1 %.2f%%  top5 %.2f%%',
+                       step, result['loss'], 100 * result['top1'],
+                       100 * result['top5'])
+          _warn_if_flat(result['loss'], config.model.num_classes, step,
+                        config.model.init_scheme)
+          save(step, force=True)
 
-      if step % config.checkpoint_every_steps == 0:
-        save(step)
-      lr = optim.learning_rate(config, step, steps_per_epoch, schedule)
-      if preemption.requested:
-        save(step, force=True)
-        preempted = True
-        logging.warning('Preempted at step %d; run the same command to '
-                        'resume.', step)
-        break
-
+        if step % config.checkpoint_every_steps == 0 and last_good != step:
+          save(step)
+        lr = optim.learning_rate(config, step, steps_per_epoch, schedule)
+        if preemption.requested:
+          save(step, force=True)
+          preempted = True
+          logging.warning('Preempted at step %d; run the same command to '
+                          'resume.', step)
+          break
+  finally:
+    # Whatever stopped the loop, a checkpoint being written in the background
+    # is completed before the process can exit.
+    ckpt.wait()
+    ckpt.close()
+    writer.close()
   if start_step >= total_steps:
     logging.info('Already trained for %d steps; nothing to do.', total_steps)
-  ckpt.wait()
-  ckpt.close()
-  writer.close()
   final = dict(meta['eval'] or {})
   if preempted:
     final['preempted'] = True

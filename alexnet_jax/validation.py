@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from alexnet_jax import data, models, parallel
 
-DTYPES = ('float32', 'bfloat16')
+# float64 (parameters too) is for comparing schemes free of round-off.
+DTYPES = ('float32', 'bfloat16', 'float64')
 
 
 class ConfigError(ValueError):
@@ -83,8 +84,8 @@ def check_config(config) -> None:
   _require(0 < o.plateau_factor < 1,
            f'config.optimizer.plateau_factor={o.plateau_factor} must be in (0, 1)')
   _require(o.plateau_threshold > 0 or o.schedule != 'plateau',
-           'config.optimizer.plateau_threshold must be positive for the '
-           "'plateau' schedule")
+           f'config.optimizer.plateau_threshold={o.plateau_threshold!r} must '
+           "be positive for the 'plateau' schedule")
   for field in ('num_train_steps', 'eval_every_steps', 'image_size',
                 'num_devices'):
     value = config[field]

@@ -74,9 +74,9 @@ print(s.getsockname()[1])')}
 export JAX_PLATFORMS=${JAX_PLATFORMS:-cpu}
 
 grace=${STOP_GRACE_SECONDS:-60}
-pids=()
 declare -A index_of=()  # pid -> process index, for the processes still running
 stop_at=
+killed=0
 
 stop_all() {
   # SIGTERM makes the trainer save a checkpoint and exit at the end of its
@@ -99,7 +99,6 @@ for ((i = 0; i < num_processes; i++)); do
       --coordinator_address="127.0.0.1:$port" \
       --num_processes="$num_processes" --process_id="$i" "$@") \
       > >(sed -u "s/^/[$i] /") 2>&1 &
-  pids+=($!)
   index_of[$!]=$i
 done
 
@@ -118,14 +117,17 @@ while (( ${#index_of[@]} )); do
       stop_all
     fi
   done
-  if [[ -n "$stop_at" ]] && (( SECONDS >= stop_at )); then
+  if [[ -n "$stop_at" ]] && (( !killed && SECONDS >= stop_at )); then
     for pid in "${!index_of[@]}"; do
-      echo "local.sh: process ${index_of[$pid]} ignored SIGTERM; killing it" >&2
+      echo "local.sh: process ${index_of[$pid]} still running ${grace}s after" \
+        "SIGTERM; killing it" >&2
       kill -KILL "$pid" 2>/dev/null || true
     done
-    stop_at=$((SECONDS + 3600))
+    killed=1
   fi
-  sleep 0.5
+  # A Ctrl-C also reaches sleep; under set -e that would end the script
+  # before the stragglers get SIGKILL.
+  sleep 0.5 || true
 done
 # Let the output filters drain before returning.
 wait

@@ -1,0 +1,316 @@
+"""End-to-end training on tiny synthetic data: outputs, resume, preemption."""
+
+import json
+import math
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from alexnet_jax import metrics_io, train
+from configs import one_gpu
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+METRIC_KEYS = {'step', 'epoch', 'split', 'loss', 'top1', 'top5', 'lr'}
+# Smallest input of the 'original' network: the cheapest graph to compile.
+IMAGE_SIZE = 67
+# The synthetic config has 64 training examples in batches of 16.
+STEPS_PER_EPOCH = 4
+
+
+def _config(num_train_steps, **overrides):
+  config = one_gpu.get_config('synthetic')
+  config.image_size = IMAGE_SIZE
+  config.num_train_steps = num_train_steps
+  config.checkpoint_every_steps = 2
+  for key, value in overrides.items():
+    node = config
+    *parents, leaf = key.split('.')
+    for part in parents:
+      node = node[part]
+    node[leaf] = value
+  return config
+
+
+def _checkpoint_steps(workdir):
+  directory = os.path.join(workdir, 'checkpoints')
+  if not os.path.isdir(directory):
+    return []
+  return sorted(int(name) for name in os.listdir(directory)
+                if name.isdigit())
+
+
+def _checkpoint_entries(workdir):
+  directory = os.path.join(workdir, 'checkpoints')
+  return sorted(os.listdir(directory)) if os.path.isdir(directory) else []
+
+
+def _steps(records, split):
+  return [r['step'] for r in records if r['split'] == split]
+
+
+# --- In process --------------------------------------------------------------
+
+
+@pytest.fixture(scope='module')
+def first_run(tmp_path_factory):
+  """4 steps (one epoch): an evaluation at step 4, checkpoints every 2."""
+  workdir = str(tmp_path_factory.mktemp('first_run'))
+  final = train.train_and_evaluate(_config(4), workdir)
+  return {'workdir': workdir, 'final': final,
+          'records': metrics_io.read_metrics(workdir),
+          'checkpoints': _checkpoint_entries(workdir)}
+
+
+@pytest.fixture(scope='module')
+def resumed_run(first_run):
+  """The same workdir trained on to step 6."""
+  workdir = first_run['workdir']
+  final = train.train_and_evaluate(_config(6), workdir)
+  return {'workdir': workdir, 'final': final,
+          'records': metrics_io.read_metrics(workdir)}
+
+
+def test_returns_final_metrics(first_run):
+  final = first_run['final']
+  assert final['step'] == 4
+  assert final['epoch'] == pytest.approx(4 / STEPS_PER_EPOCH)
+  assert math.isfinite(final['loss']) and final['loss'] > 0
+  assert 0.0 <= final['top1'] <= final['top5'] <= 1.0
+  assert 'preempted' not in final
+  # The returned metrics are the last evaluation's record.
+  last_eval = [r for r in first_run['records'] if r['split'] == 'eval'][-1]
+  for key in ('step', 'loss', 'top1', 'top5'):
+    assert final[key] == last_eval[key], key
+
+
+def test_metrics_jsonl(first_run):
+  records = first_run['records']
+  assert records
+  for record in records:
+    assert METRIC_KEYS <= set(record), record
+    assert record['split'] in ('train', 'eval')
+    assert record['epoch'] == pytest.approx(record['step'] / STEPS_PER_EPOCH)
+    assert record['lr'] == pytest.approx(0.01)
+    for key in ('loss', 'top1', 'top5'):
+      assert isinstance(record[key], float) and math.isfinite(record[key])
+  # log_every_steps=1 in the synthetic config; evaluation once per epoch.
+  assert _steps(records, 'train') == [1, 2, 3, 4]
+  assert _steps(records, 'eval') == [4]
+  # Each line is a JSON object on its own.
+  with open(os.path.join(first_run['workdir'], 'metrics.jsonl')) as f:
+    lines = [line for line in f.read().splitlines() if line.strip()]
+  assert [json.loads(line) for line in lines] == records
+
+
+def test_tensorboard_events(first_run):
+  directory = os.path.join(first_run['workdir'], 'tensorboard')
+  events = [name for name in os.listdir(directory)
+            if name.startswith('events.out.tfevents')]
+  assert events
+  assert all(os.path.getsize(os.path.join(directory, name)) > 0
+             for name in events)
+
+
+def test_checkpoints_written(first_run):
+  entries = first_run['checkpoints']
+  # Due every 2 steps, and at the evaluation of step 4; none left half-written.
+  assert entries == ['2', '4']
+
+
+def test_resume_continues_from_last_step(first_run, resumed_run):
+  records = resumed_run['records']
+  assert _steps(records, 'train') == [1, 2, 3, 4, 5, 6]
+  assert _steps(records, 'eval') == [4, 6]
+  # Steps 1-4 are the first run's records, untouched (their throughput field
+  # would differ had they been trained again).
+  assert records[:len(first_run['records'])] == first_run['records']
+  assert resumed_run['final']['step'] == 6
+  assert _checkpoint_steps(resumed_run['workdir'])[-1] == 6
+
+
+def test_finished_run_is_not_trained_again(resumed_run):
+  before = metrics_io.read_metrics(resumed_run['workdir'])
+  final = train.train_and_evaluate(_config(6), resumed_run['workdir'])
+  assert final == resumed_run['final']
+  assert metrics_io.read_metrics(resumed_run['workdir']) == before
+
+
+def test_non_finite_loss_stops_before_saving(tmp_path):
+  # A learning rate of 1e8 keeps step 1 finite (its loss is taken before the
+  # first update) and makes step 2 diverge.
+  workdir = str(tmp_path)
+  config = _config(4, log_every_steps=1, checkpoint_every_steps=1,
+                   **{'optimizer.learning_rate': 1e8})
+  with pytest.raises(train.NonFiniteLossError) as info:
+    train.train_and_evaluate(config, workdir)
+  message = str(info.value)
+  match = re.search(r'at step (\d+)', message)
+  assert match, message
+  bad_step = int(match.group(1))
+  assert bad_step == 2
+  records = metrics_io.read_metrics(workdir)
+  assert _steps(records, 'train')[:1] == [1]
+  assert math.isfinite(records[0]['loss'])
+  # The checkpoint the message points to exists, complete, when the error
+  # is raised, and nothing of the bad step or later was saved.
+  entries = _checkpoint_entries(workdir)
+  assert entries == ['1'], entries
+  assert 'step 1' in message
+
+
+# --- The command line, in subprocesses --------------------------------------
+
+CLI_STEPS = 8  # two epochs; evaluated once, at the end
+
+
+def _cli(workdir, checkpoint_every):
+  return [sys.executable, '-m', 'alexnet_jax.main',
+          '--config=configs/one_gpu.py:synthetic', f'--workdir={workdir}',
+          f'--config.num_train_steps={CLI_STEPS}',
+          f'--config.checkpoint_every_steps={checkpoint_every}',
+          f'--config.eval_every_steps={CLI_STEPS}',
+          f'--config.image_size={IMAGE_SIZE}']
+
+
+def _env():
+  # The same compiler settings as the in-process tests (conftest.py).
+  return dict(os.environ, JAX_PLATFORMS='cpu',
+              JAX_DISABLE_MOST_OPTIMIZATIONS='true')
+
+
+def _run(args):
+  return subprocess.run(args, cwd=REPO_ROOT, env=_env(), capture_output=True,
+                        text=True, timeout=300)
+
+
+def _start(args):
+  return subprocess.Popen(args, cwd=REPO_ROOT, env=_env(),
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True)
+
+
+def _wait_until(process, condition, timeout=300):
+  deadline = time.time() + timeout
+  while time.time() < deadline and process.poll() is None:
+    if condition():
+      return True
+    time.sleep(0.02)
+  return False
+
+
+def _final_line(stdout):
+  lines = [line for line in stdout.splitlines() if line.startswith('final:')]
+  assert len(lines) == 1, stdout
+  return lines[0]
+
+
+def _last_eval(workdir):
+  return [r for r in metrics_io.read_metrics(workdir)
+          if r['split'] == 'eval'][-1]
+
+
+def _train_values(workdir):
+  return [(r['step'], r['loss'], r['top1'], r['top5'], r['lr'])
+          for r in metrics_io.read_metrics(workdir) if r['split'] == 'train']
+
+
+@pytest.fixture(scope='module')
+def reference_run(tmp_path_factory):
+  """An uninterrupted command-line run."""
+  workdir = str(tmp_path_factory.mktemp('reference'))
+  result = _run(_cli(workdir, 2))
+  assert result.returncode == 0, result.stderr[-3000:]
+  return {'final_line': _final_line(result.stdout),
+          'last_eval': _last_eval(workdir),
+          'train': _train_values(workdir)}
+
+
+def test_reference_run(reference_run):
+  assert reference_run['last_eval']['step'] == CLI_STEPS
+  assert [t[0] for t in reference_run['train']] == list(range(1, CLI_STEPS + 1))
+  assert reference_run['final_line'].startswith(f'final: step {CLI_STEPS} ')
+
+
+def test_sigkill_then_resume_matches_uninterrupted(reference_run, tmp_path):
+  workdir = str(tmp_path)
+  process = _start(_cli(workdir, 2))
+  try:
+    saw_checkpoint = _wait_until(process,
+                                 lambda: _checkpoint_steps(workdir))
+    process.send_signal(signal.SIGKILL)
+    process.communicate(timeout=60)
+  finally:
+    if process.poll() is None:
+      process.kill()
+      process.communicate()
+  assert saw_checkpoint
+  # Killed mid-run, not finished.
+  assert process.returncode == -signal.SIGKILL
+  killed_at = _checkpoint_steps(workdir)
+  assert killed_at and killed_at[-1] < CLI_STEPS
+
+  result = _run(_cli(workdir, 2))
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert _final_line(result.stdout) == reference_run['final_line']
+  assert _last_eval(workdir) == reference_run['last_eval']
+  # Every step logged once, with the uninterrupted run's values.
+  assert _train_values(workdir) == reference_run['train']
+
+
+def test_sigterm_saves_and_exits_cleanly(reference_run, tmp_path):
+  workdir = str(tmp_path)
+  metrics = os.path.join(workdir, 'metrics.jsonl')
+
+  def training_started():
+    if not os.path.exists(metrics):
+      return False
+    with open(metrics) as f:
+      return '"train"' in f.read()
+
+  # Checkpoints only when forced (evaluation at the end, or SIGTERM).
+  process = _start(_cli(workdir, 1000))
+  try:
+    started = _wait_until(process, training_started)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+  finally:
+    if process.poll() is None:
+      process.kill()
+      process.communicate()
+  assert started
+  # One checkpoint, at the last step it trained.
+  saved = _checkpoint_entries(workdir)
+  assert len(saved) == 1 and saved[0].isdigit(), saved
+  stopped_at = int(saved[0])
+  assert 1 <= stopped_at < CLI_STEPS
+  assert _steps(metrics_io.read_metrics(workdir), 'train')[-1] == stopped_at
+  sigterm_returncode = process.returncode
+
+  result = _run(_cli(workdir, 1000))
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert _final_line(result.stdout) == reference_run['final_line']
+  assert _last_eval(workdir) == reference_run['last_eval']
+  assert _train_values(workdir) == reference_run['train']
+
+  # Preemption is a normal exit.
+  assert sigterm_returncode == 0, stderr[-3000:]
+
+
+def test_cli_non_finite_loss(tmp_path):
+  workdir = str(tmp_path)
+  args = _cli(workdir, 1) + ['--config.optimizer.learning_rate=1e8',
+                             '--config.log_every_steps=1']
+  result = _run(args)
+  assert result.returncode == 1
+  errors = [line for line in result.stderr.splitlines()
+            if line.startswith('error:')]
+  assert len(errors) == 1 and 'at step 2' in errors[0], result.stderr[-3000:]
+  # The checkpoint the message names survives the exit, complete.
+  assert 'step 1' in errors[0]
+  assert _checkpoint_entries(workdir) == ['1']
+  assert 'Traceback' not in result.stderr, result.stderr[-3000:]
