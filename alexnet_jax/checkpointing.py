@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
@@ -36,6 +37,10 @@ class Checkpointer:
   def save(self, step: int, state, schedule, meta: dict, *,
            force: bool = False) -> bool:
     """Saves if `step` is due (or `force`); returns whether it saved."""
+    # The schedule's state is the same on every process and lives on the
+    # host: as NumPy process 0 writes it, whereas orbax refuses host-local
+    # jax.Arrays under jax.distributed.
+    schedule = jax.tree.map(np.asarray, schedule)
     return self.manager.save(
         step,
         args=ocp.args.Composite(state=ocp.args.StandardSave(state),
@@ -43,13 +48,15 @@ class Checkpointer:
                                 meta=ocp.args.JsonSave(meta)),
         force=force)
 
-  def restore(self, step: int, abstract_state, abstract_schedule):
-    """Restores onto the shardings that the abstract trees carry."""
+  def restore(self, step: int, abstract_state, schedule_like):
+    """Restores the state onto the shardings that `abstract_state` carries and
+    the schedule as NumPy arrays shaped like `schedule_like`."""
     restored = self.manager.restore(
         step,
         args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract_state),
-            schedule=ocp.args.StandardRestore(abstract_schedule),
+            schedule=ocp.args.StandardRestore(
+                jax.tree.map(np.asarray, schedule_like)),
             meta=ocp.args.JsonRestore()))
     logging.info('Restored step %d from %s', step, self.directory)
     return restored['state'], restored['schedule'], restored['meta']

@@ -130,12 +130,16 @@ class Synthetic(Dataset):
     self.num_eval = num_eval
 
   def _examples(self, indices, split):
-    rng = np.random.default_rng([split, int(indices[0]) if len(indices) else 0,
-                                 len(indices)])
-    shape = (len(indices), self.image_size, self.image_size, 3)
-    return {'image': rng.standard_normal(shape, dtype=np.float32),
-            'label': rng.integers(0, self.num_classes, len(indices),
-                                  dtype=np.int32)}
+    # One generator per example, so that an example is the same whichever
+    # process, and whichever slice of the batch, asks for it.
+    shape = (self.image_size, self.image_size, 3)
+    images = np.empty((len(indices), *shape), np.float32)
+    labels = np.empty(len(indices), np.int32)
+    for n, index in enumerate(indices):
+      rng = np.random.default_rng([split, int(index)])
+      images[n] = rng.standard_normal(shape, dtype=np.float32)
+      labels[n] = rng.integers(0, self.num_classes)
+    return {'image': images, 'label': labels}
 
   def _train_examples(self, indices):
     return self._examples(indices, 0)

@@ -4,7 +4,9 @@ Fields are overridden with --config.FIELD=VALUE (type-checked). Running the
 same command again resumes from the latest checkpoint in DIR.
 """
 
+import os
 import sys
+import traceback
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -46,6 +48,15 @@ def main(argv):
     logging.error('%s', e)
     print(f'error: {e}', file=sys.stderr)
     sys.exit(1)
+  except BaseException:
+    if jax.process_count() > 1:
+      # The other processes wait in a collective for this one, and
+      # jax.distributed's shutdown would wait minutes for them: exit now so
+      # the launcher (srun, local.sh, Kubernetes) sees the failure at once.
+      traceback.print_exc()
+      sys.stderr.flush()
+      os._exit(1)
+    raise
   if final.get('preempted'):
     print('preempted: checkpoint saved; run the same command to resume')
   elif final.get('step') is not None:

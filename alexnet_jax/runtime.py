@@ -37,8 +37,11 @@ def setup(config, *, num_cpu_devices: int | None = None) -> None:
   distributed = explicit or _DISTRIBUTED.value
   if needed > 1:
     # Only the CPU backend reads this: on a GPU machine it changes nothing.
-    per_process = needed // (_NUM_PROCESSES.value or 1) if explicit else needed
-    jax.config.update('jax_num_cpu_devices', max(per_process, 1))
+    processes = (_NUM_PROCESSES.value or 1) if explicit else 1
+    if needed % processes:
+      raise ValueError(f'{needed} simulated CPU devices do not split over '
+                       f'{processes} processes')
+    jax.config.update('jax_num_cpu_devices', needed // processes)
   if distributed:
     if explicit:
       jax.distributed.initialize(coordinator_address=_COORDINATOR.value,

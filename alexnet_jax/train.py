@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from absl import logging
+from jax.experimental import multihost_utils
 from jax.sharding import PartitionSpec as P
 
 from alexnet_jax import (checkpointing, data, metrics_io, models, optim,
@@ -52,6 +53,12 @@ def select_devices(config) -> list:
     wanted = 1
   if wanted == -1:
     return devices
+  if jax.process_count() > 1 and wanted != len(devices):
+    # A subset of the global devices would leave some processes without any.
+    raise validation.ConfigError(
+        f'config.num_devices={wanted} but {jax.process_count()} processes '
+        f'share {len(devices)} devices; use --config.num_devices=-1 (all of '
+        'them) when running on several processes.')
   if len(devices) < wanted:
     platform = devices[0].platform
     raise validation.ConfigError(
@@ -220,10 +227,12 @@ def process_rows(scheme: parallel.Scheme, batch_size: int) -> tuple[int, int]:
   return first, last
 
 
-def global_batch(scheme: parallel.Scheme, local: data.Batch):
+def global_batch(scheme: parallel.Scheme, local: data.Batch,
+                 batch_size: int | None = None):
   """Assembles the global batch from every process's local part."""
   sharding = scheme.sharding(scheme.batch_spec)
-  return {k: jax.make_array_from_process_local_data(sharding, v)
+  shape = lambda v: None if batch_size is None else (batch_size, *v.shape[1:])
+  return {k: jax.make_array_from_process_local_data(sharding, v, shape(v))
           for k, v in local.items()}
 
 
@@ -232,7 +241,8 @@ def evaluate(eval_step, params, dataset: data.Dataset, scheme, config) -> dict:
   rows = process_rows(scheme, config.eval_batch_size)
   for batch in dataset.eval_batches(batch_size=config.eval_batch_size,
                                     rows=rows):
-    sums = eval_step(params, global_batch(scheme, batch))
+    sums = eval_step(params, global_batch(scheme, batch,
+                                          config.eval_batch_size))
     totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
   totals = jax.device_get(totals)
   count = float(totals['count'])
@@ -240,13 +250,23 @@ def evaluate(eval_step, params, dataset: data.Dataset, scheme, config) -> dict:
 
 
 class _Preemption:
-  """Turns SIGTERM into a flag the loop checks after each step."""
+  """Turns SIGTERM into the step after which the loop saves and stops.
+
+  One process: a Python handler sets a flag. Several: all must stop after the
+  same step, or the first to save waits in the checkpoint's barrier for the
+  others while they wait for it in the next step's collectives (a hang). JAX's
+  coordination service catches SIGTERM on every process and agrees on that
+  step, so no Python handler may replace its own.
+  """
 
   def __init__(self):
     self.requested = False
     self._previous = None
+    self._multi_process = jax.process_count() > 1
 
   def __enter__(self):
+    if self._multi_process:
+      return self
     try:
       self._previous = signal.signal(signal.SIGTERM, self._handle)
     except ValueError:  # not the main thread (e.g. some notebook kernels)
@@ -257,6 +277,12 @@ class _Preemption:
     del signum, frame
     logging.warning('SIGTERM received: saving a checkpoint, then exiting.')
     self.requested = True
+
+  def reached(self, step: int) -> bool:
+    """Whether to save and stop after `step`; call it after every step."""
+    if self._multi_process:
+      return multihost_utils.reached_preemption_sync_point(step)
+    return self.requested
 
   def __exit__(self, *exc):
     if self._previous is not None:
@@ -307,10 +333,7 @@ def _train_and_evaluate(config, workdir: str) -> dict:
   latest = ckpt.latest_step()
   if latest is not None:
     state, schedule, meta = ckpt.restore(
-        latest, checkpointing.abstract(state, shardings),
-        checkpointing.abstract(schedule, jax.tree.map(
-            lambda _: jax.sharding.SingleDeviceSharding(jax.devices()[0]),
-            schedule)))
+        latest, checkpointing.abstract(state, shardings), schedule)
     logging.info('Resuming at step %d', latest)
   start_step = int(jax.device_get(state['step']))
   writer = metrics_io.MetricWriter(workdir, resume_step=start_step)
@@ -362,7 +385,7 @@ def _train_and_evaluate(config, workdir: str) -> dict:
   try:
     with _Preemption() as preemption:
       for step in range(start_step + 1, total_steps + 1):
-        batch = global_batch(scheme, next(batches))
+        batch = global_batch(scheme, next(batches), config.batch_size)
         state, metrics = train_step(state, batch, lr,
                                     jax.random.fold_in(base_rng, step))
         pending.append((step, metrics))
@@ -405,7 +428,7 @@ def _train_and_evaluate(config, workdir: str) -> dict:
         if step % config.checkpoint_every_steps == 0 and last_good != step:
           save(step)
         lr = optim.learning_rate(config, step, steps_per_epoch, schedule)
-        if preemption.requested:
+        if preemption.reached(step):
           save(step, force=True)
           preempted = True
           logging.warning('Preempted at step %d; run the same command to '

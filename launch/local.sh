@@ -18,15 +18,16 @@
 #   PYTHON         interpreter (default: python, else python3)
 #   JAX_PLATFORMS  default cpu: several processes on one machine are a test
 #                  of the multi-host path, not a way to share GPUs.
-#   STOP_GRACE_SECONDS  after a failure or Ctrl-C the others get SIGTERM
-#                  (they save a checkpoint) and SIGKILL this much later
-#                  (default 60).
+#   STOP_GRACE_SECONDS  when one process fails, or on Ctrl-C or SIGTERM,
+#                  the processes still running get SIGTERM (the trainer
+#                  saves a checkpoint if it can) and SIGKILL this many
+#                  seconds later (default 60).
 # Run from the repository root: the configs are imported as `configs.*`.
 
 set -euo pipefail
 
 usage() {
-  sed -n '2,24p' "$0" | sed 's/^# \{0,1\}//' >&2
+  sed -n '2,25p' "$0" | sed 's/^# \{0,1\}//' >&2
   exit 2
 }
 
@@ -60,7 +61,7 @@ for ((a = 1; a <= $#; a++)); do
     next=$((a + 1))
     value=${!next}
   fi
-  if [[ "$value" =~ ^[0-9]+$ ]] && (( value % num_processes )); then
+  if [[ "$value" =~ ^[0-9]+$ ]] && (( 10#$value % num_processes )); then
     echo "error: --config.num_devices=$value does not split over" \
       "$num_processes processes" >&2
     exit 2
@@ -79,9 +80,9 @@ stop_at=
 killed=0
 
 stop_all() {
-  # SIGTERM makes the trainer save a checkpoint and exit at the end of its
-  # step (train._Preemption); one stuck in a collective with a dead peer gets
-  # SIGKILL after the grace period.
+  # SIGTERM makes the trainer save a checkpoint and exit after its step
+  # (train._Preemption); one stuck in a collective with a dead peer never
+  # gets there and is killed after the grace period.
   [[ -n "$stop_at" ]] && return
   stop_at=$((SECONDS + grace))
   for pid in "${!index_of[@]}"; do

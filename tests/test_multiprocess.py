@@ -69,6 +69,12 @@ def _errors(output):
                  if 'Error' in line)
 
 
+def _free_port():
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]
+
+
 def _flags(config, workdir, steps):
   return [*config, f'--workdir={workdir}', '--config.num_devices=4',
           f'--config.num_train_steps={steps}', '--config.log_every_steps=1']
@@ -146,12 +152,6 @@ def test_two_column_two_processes_match_one(tmp_path):
   assert_same_training(one, two)
 
 
-def _free_port():
-  with socket.socket() as s:
-    s.bind(('127.0.0.1', 0))
-    return s.getsockname()[1]
-
-
 def test_sigterm_to_one_process_stops_both_at_one_step(tmp_path):
   # Slurm or Kubernetes signal every process, but each sees the signal after
   # a different step; signalling one process only is the extreme case. A
@@ -172,13 +172,15 @@ def test_sigterm_to_one_process_stops_both_at_one_step(tmp_path):
           start_new_session=True))
   try:
     deadline = time.time() + TIMEOUT_S
-    while len(train_losses(workdir)[0]) < 2:
+    metrics = workdir / 'metrics.jsonl'
+    # Complete lines only: process 0 may be halfway through writing one.
+    while not metrics.exists() or metrics.read_text().count('\n') < 2:
       assert all(p.poll() is None for p in procs), logs[0].read_text()
       assert time.time() < deadline, 'no training step logged in time'
       time.sleep(0.5)
     procs[0].send_signal(signal.SIGTERM)
     for p in procs:
-      p.wait(timeout=120)
+      p.wait(timeout=60)
   finally:
     for p in procs:
       if p.poll() is None:

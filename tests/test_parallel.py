@@ -9,7 +9,7 @@ of the network runs; numerically each must be the single-device model
     sharding its scheme promises;
   * with dropout on, every device draws its own masks;
   * a checkpoint written under one scheme restores under another;
-  * a short training run gives the same loss curve under every scheme.
+  * training steps in float64 give the same loss curve under every scheme.
 
 Tolerances. Reordered float32 sums (a gradient summed over devices instead of
 over one batch) differ by about 1e-6 relative, so arrays are compared with a
@@ -42,10 +42,12 @@ import numpy as np
 import optax
 import pytest
 
-from alexnet_jax import checkpointing, data, optim, parallel, train, validation
+from alexnet_jax import (checkpointing, data, equivalence, optim, parallel, train,
+                         validation)
 from configs import default
 
 IMAGE_SIZE = 67
+CURVE_STEPS = 30
 BATCH_SIZE = 16
 LEARNING_RATE = 0.01
 RTOL = 1e-5
@@ -382,12 +384,9 @@ def test_two_column_checkpoint_restores_under_other_schemes(setups, tmp_path):
         str(tmp_path), max_to_keep=config.max_checkpoints_to_keep,
         every_steps=config.checkpoint_every_steps)
     assert checkpointer.latest_step() == 2
-    schedule = optim.init_schedule_state(config)
-    single = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     state, _, meta = checkpointer.restore(
         2, checkpointing.abstract(setup.initial, setup.shardings),
-        checkpointing.abstract(schedule, jax.tree.map(lambda _: single,
-                                                      schedule)))
+        optim.init_schedule_state(config))
     checkpointer.close()
     assert int(jax.device_get(state['step'])) == 2
     assert meta['eval']['step'] == 2
@@ -414,14 +413,25 @@ def same_to_significant_digits(a: float, b: float, digits: int) -> bool:
   return abs(a - b) <= unit / 2
 
 
-def test_loss_curve_is_the_same_under_every_scheme(setups):
-  steps = 20
-  _, expected = reference(setups, 'original').run(steps)
+def test_loss_curve_is_the_same_under_every_scheme():
+  # Through train_and_evaluate, as `python -m alexnet_jax.equivalence` runs it
+  # (README.md quotes its 100-step figures; 30 steps keep this test quick). In
+  # float64: over many steps float32 round-off, amplified by SGD (and by
+  # max-pooling near-ties, see the module docstring), moves the curves apart in
+  # any implementation, so only float64 tests the schemes themselves.
+  config = make_config('none', 4)
+  config.model.dtype = 'float64'
+  losses = equivalence.compare(
+      config, ['none', 'data', 'two_column', 'weird_trick'], steps=CURVE_STEPS)
+  expected = losses['none']
+  assert len(expected) == CURVE_STEPS
   # The curve moves, so agreeing on it is not agreeing on a constant.
-  assert expected.max() - expected.min() > 1e-2, expected
-  for parallelism in ('data', 'two_column', 'weird_trick'):
-    _, losses = setups(parallelism, 'original', 4).run(steps)
-    for step, (loss, want) in enumerate(zip(losses, expected), start=1):
+  assert max(expected) - min(expected) > 1e-1, expected
+  for parallelism, curve in losses.items():
+    assert len(curve) == CURVE_STEPS, parallelism
+    for step, (loss, want) in enumerate(zip(curve, expected), start=1):
       assert same_to_significant_digits(loss, want, 4), (
           f'{parallelism}: step {step} loss {loss:.6g}, single device '
           f'{want:.6g}')
+    worst = max(abs(a - b) / abs(b) for a, b in zip(curve, expected))
+    assert worst < 1e-10, (parallelism, worst)
