@@ -348,12 +348,17 @@ def _train_and_evaluate(config, workdir: str) -> dict:
       batch_size=config.batch_size, seed=config.seed, start_step=start_step,
       rows=process_rows(scheme, config.batch_size))
 
-  pending: list[tuple[int, dict]] = []  # per-step metrics not yet checked
+  # Per-step metrics since the last log line. A checkpoint carries them, so
+  # that a resumed run logs the same averages as an uninterrupted one.
+  pending: list[tuple[int, dict]] = [
+      (s, m) for s, m in meta.get('pending', []) if s <= start_step]
   last_good = latest
 
   def check_finite():
     """Fetches the pending metrics; stops the run at the first bad step."""
-    fetched = [(s, jax.device_get(m)) for s, m in pending]
+    fetched = [(s, {k: float(v) for k, v in jax.device_get(m).items()})
+               for s, m in pending]
+    pending[:] = fetched
     for s, m in fetched:
       if not math.isfinite(float(m['loss'])):
         writer.write({'step': s, 'epoch': s / steps_per_epoch,
@@ -374,7 +379,7 @@ def _train_and_evaluate(config, workdir: str) -> dict:
 
   def save(step, force=False):
     nonlocal last_good
-    check_finite()
+    meta['pending'] = check_finite()
     meta['step'] = step
     if ckpt.save(step, state, schedule, meta, force=force):
       last_good = step

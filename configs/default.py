@@ -91,7 +91,7 @@ def apply_variant(c: ml_collections.ConfigDict, arg: str) -> None:
     c.image_size = 99
     c.batch_size = 64
     c.eval_batch_size = 100
-    c.num_epochs = 10
+    c.num_epochs = 15
     c.optimizer.plateau_patience = 2
     c.log_every_steps = 10
     c.checkpoint_every_steps = 50
