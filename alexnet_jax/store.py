@@ -1,0 +1,161 @@
+"""The prepared store: the paper's 256x256 images in a random-access file format.
+
+`python -m alexnet_jax.prepare` writes it once per dataset; the training input
+pipeline reads it without TensorFlow. Layout of a store directory:
+
+  info.json                  name, class names, split sizes, image size,
+                             JPEG quality, shard files, and 'complete'
+  <split>-NNNNN.array_record shards of records (ArrayRecord, random access)
+  stats.json                 the training set's statistics: per-channel mean,
+                             RGB covariance eigenvalues and eigenvectors
+  mean_image.npy             the per-pixel mean image, float32, 0..255
+  report.json                files skipped while preparing, and why
+
+A record is a 4-byte little-endian label followed by a JPEG: shorter side
+resized to 256 and the central 256x256 crop (paper, section 2), re-encoded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import struct
+
+import numpy as np
+
+INFO = 'info.json'
+STATS = 'stats.json'
+MEAN_IMAGE = 'mean_image.npy'
+REPORT = 'report.json'
+_LABEL = struct.Struct('<i')
+
+
+def encode_record(label: int, jpeg: bytes) -> bytes:
+  return _LABEL.pack(label) + jpeg
+
+
+def decode_record(record: bytes) -> tuple[int, bytes]:
+  return _LABEL.unpack_from(record)[0], record[_LABEL.size:]
+
+
+def shard_name(split: str, index: int) -> str:
+  return f'{split}-{index:05d}.array_record'
+
+
+@dataclasses.dataclass
+class StoreInfo:
+  name: str
+  class_names: list[str]
+  image_size: int = 256
+  jpeg_quality: int = 90
+  # split -> list of shard file names, in order; split sizes count records.
+  shards: dict[str, list[str]] = dataclasses.field(default_factory=dict)
+  sizes: dict[str, int] = dataclasses.field(default_factory=dict)
+  complete: bool = False
+
+  @property
+  def num_classes(self) -> int:
+    return len(self.class_names)
+
+  def save(self, directory: str) -> None:
+    tmp = os.path.join(directory, INFO + '.tmp')
+    with open(tmp, 'w') as f:
+      json.dump(dataclasses.asdict(self), f, indent=1)
+    os.replace(tmp, os.path.join(directory, INFO))  # atomic: never half-written
+
+  @classmethod
+  def load(cls, directory: str) -> 'StoreInfo':
+    with open(os.path.join(directory, INFO)) as f:
+      return cls(**json.load(f))
+
+
+class StoreError(FileNotFoundError):
+  """A store that is missing or was not finished."""
+
+
+def check_store(directory: str | None, *, splits=('train', 'validation')
+                ) -> StoreInfo:
+  """The store's info, or an error saying what to run to make it."""
+  how = ('Prepare it with `python -m alexnet_jax.prepare --dataset=... '
+         f'--out={directory}` (see README.md, "ImageNet").')
+  if not directory or not os.path.exists(os.path.join(directory, INFO)):
+    raise StoreError(f'No prepared dataset in {directory!r}. {how}')
+  info = StoreInfo.load(directory)
+  if not info.complete:
+    raise StoreError(f'The dataset in {directory} is only partly prepared; '
+                     f'run the same prepare command again to finish it. {how}')
+  for split in splits:
+    if not info.sizes.get(split):
+      raise StoreError(f'The dataset in {directory} has no {split!r} split.')
+  for split in splits:
+    for shard in info.shards[split]:
+      if not os.path.exists(os.path.join(directory, shard)):
+        raise StoreError(f'{shard} is missing from {directory}. {how}')
+  return info
+
+
+def write_shard(path: str, records) -> int:
+  """Writes records to an ArrayRecord file via a temporary name; returns the
+  count. A shard either exists whole or not at all."""
+  from array_record.python import array_record_module
+  tmp = path + '.tmp'
+  writer = array_record_module.ArrayRecordWriter(tmp, 'group_size:1')
+  count = 0
+  for record in records:
+    writer.write(record)
+    count += 1
+  writer.close()
+  os.replace(tmp, path)
+  return count
+
+
+class SplitSource:
+  """Random access to one split's records: `source[i] -> (label, jpeg)`."""
+
+  def __init__(self, directory: str, split: str):
+    from array_record.python import array_record_data_source
+    info = StoreInfo.load(directory)
+    self._paths = [os.path.join(directory, s) for s in info.shards[split]]
+    self._source = array_record_data_source.ArrayRecordDataSource(self._paths)
+
+  def __len__(self) -> int:
+    return len(self._source)
+
+  def __getitem__(self, index: int) -> tuple[int, bytes]:
+    return decode_record(self._source[int(index)])
+
+  def __getstate__(self):  # worker processes reopen the files themselves
+    return {'paths': self._paths}
+
+  def __setstate__(self, state):
+    from array_record.python import array_record_data_source
+    self._paths = state['paths']
+    self._source = array_record_data_source.ArrayRecordDataSource(self._paths)
+
+
+@dataclasses.dataclass
+class Statistics:
+  """What the paper's preprocessing needs from the training set."""
+
+  mean_rgb: np.ndarray       # [3], 0..255
+  eigval: np.ndarray         # [3], of the covariance of RGB in 0..1
+  eigvec: np.ndarray         # [3, 3], columns are the eigenvectors
+  mean_image: np.ndarray     # [256, 256, 3], 0..255
+
+  def save(self, directory: str) -> None:
+    np.save(os.path.join(directory, MEAN_IMAGE),
+            self.mean_image.astype(np.float32))
+    with open(os.path.join(directory, STATS), 'w') as f:
+      json.dump({'mean_rgb': self.mean_rgb.tolist(),
+                 'eigval': self.eigval.tolist(),
+                 'eigvec': self.eigvec.tolist()}, f, indent=1)
+
+  @classmethod
+  def load(cls, directory: str) -> 'Statistics':
+    with open(os.path.join(directory, STATS)) as f:
+      s = json.load(f)
+    return cls(np.asarray(s['mean_rgb'], np.float32),
+               np.asarray(s['eigval'], np.float32),
+               np.asarray(s['eigvec'], np.float32),
+               np.load(os.path.join(directory, MEAN_IMAGE)))
