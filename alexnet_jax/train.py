@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 import signal
 import time
 from typing import Any
@@ -337,6 +338,10 @@ def _train_and_evaluate(config, workdir: str) -> dict:
     logging.info('Resuming at step %d', latest)
   start_step = int(jax.device_get(state['step']))
   writer = metrics_io.MetricWriter(workdir, resume_step=start_step)
+  if jax.process_index() == 0:
+    # The run's config, for `alexnet_jax.evaluate` and for the record.
+    with open(os.path.join(workdir, 'config.json'), 'w') as f:
+      f.write(config.to_json_best_effort(indent=1))
 
   lr_multipliers = None
   if config.optimizer.batch_scaling != 'none':
