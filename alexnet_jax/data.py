@@ -9,18 +9,18 @@ at step s reads exactly what an uninterrupted run reads from step s on.
   digits        scikit-learn's bundled handwritten digits: real data that
                 ships inside the wheel, so a first run needs no download.
   synthetic     random images and labels, for benchmarks and smoke tests.
-  imagenet2012  ILSVRC-2012 through TFDS (see `check_imagenet`).
+  imagenet2012  ILSVRC-2012, prepared once by `alexnet_jax.prepare` into a
+  folder        store of 256x256 images (`alexnet_jax.imagenet` reads it).
 """
 
 from __future__ import annotations
 
 import abc
-import os
 from typing import Iterator
 
 import numpy as np
 
-DATASETS = ('digits', 'synthetic', 'imagenet2012')
+DATASETS = ('digits', 'synthetic', 'imagenet2012', 'folder')
 Batch = dict[str, np.ndarray]
 
 
@@ -154,26 +154,22 @@ class Synthetic(Dataset):
 
 
 IMAGENET_HELP = """\
-ImageNet (imagenet2012) is not prepared in {data_dir}.
-TFDS builds it from the two ILSVRC-2012 archives, which you download yourself
+{problem}
+ImageNet comes from the two ILSVRC-2012 archives, which you download yourself
 (https://image-net.org, after registering):
   ILSVRC2012_img_train.tar  (138 GB)
   ILSVRC2012_img_val.tar    (6.3 GB)
-Put both in {manual_dir}, then prepare the dataset once with TFDS, e.g.
-  python -c "import tensorflow_datasets as tfds; tfds.builder('imagenet2012', data_dir='{data_dir}').download_and_prepare(file_format='array_record')"
-and pass --config.data_dir={data_dir} if it is not the default."""
+Put both in a directory DIR and prepare them once (TFDS builds imagenet2012,
+then the paper's 256x256 images are written to STORE):
+  pip install -r requirements-test.txt   # TensorFlow, for the TFDS build only
+  python -m alexnet_jax.prepare --dataset=imagenet2012 --manual_dir=DIR --out=STORE
+then train with --config.store_dir=STORE."""
 
-
-def check_imagenet(data_dir: str | None) -> str:
-  """Fail at once, with the way to fix it, when ImageNet is not prepared."""
-  data_dir = data_dir or os.environ.get(
-      'TFDS_DATA_DIR', os.path.expanduser('~/tensorflow_datasets'))
-  prepared = os.path.join(data_dir, 'imagenet2012')
-  if not os.path.isdir(prepared) or not os.listdir(prepared):
-    manual_dir = os.path.join(data_dir, 'downloads', 'manual')
-    raise FileNotFoundError(IMAGENET_HELP.format(data_dir=data_dir,
-                                                 manual_dir=manual_dir))
-  return prepared
+FOLDER_HELP = """\
+{problem}
+Prepare a folder of images laid out as ROOT/<class>/<image> once with
+  python -m alexnet_jax.prepare --dataset=folder --source=ROOT --out=STORE
+then train with --config.store_dir=STORE."""
 
 
 def get_dataset(config, image_size: int) -> Dataset:
@@ -183,9 +179,12 @@ def get_dataset(config, image_size: int) -> Dataset:
   if name == 'synthetic':
     return Synthetic(image_size, config.model.num_classes,
                      config.synthetic.num_train, config.synthetic.num_eval)
-  if name == 'imagenet2012':
-    check_imagenet(config.data_dir)
-    raise NotImplementedError(
-        'Training on imagenet2012 needs the ImageNet input pipeline, which '
-        'this version does not include yet; use dataset=digits or synthetic.')
+  if name in ('imagenet2012', 'folder'):
+    from alexnet_jax import imagenet, store  # grain and array_record
+    help_text = IMAGENET_HELP if name == 'imagenet2012' else FOLDER_HELP
+    try:
+      store.check_store(config.store_dir)
+    except store.StoreError as e:
+      raise store.StoreError(help_text.format(problem=e)) from None
+    return imagenet.PreparedDataset.from_config(config, image_size)
   raise ValueError(f'config.dataset must be one of {DATASETS}, got {name!r}')

@@ -75,8 +75,9 @@ def check_config(config) -> None:
     _positive(config, field)
   for field in ('model.lrn_k', 'optimizer.weight_decay',
                 'optimizer.plateau_threshold', 'optimizer.momentum',
-                'optimizer.max_drops'):
+                'optimizer.max_drops', 'input.lighting_sigma'):
     _positive(config, field, allow_zero=True)
+  _positive(config, 'input.processes', allow_zero=True, integer=True)
   _require(m.lrn_n % 2 == 1,
            f'config.model.lrn_n={m.lrn_n} must be odd (a window centred on '
            'each channel)')
@@ -87,8 +88,10 @@ def check_config(config) -> None:
            f'config.optimizer.plateau_threshold={o.plateau_threshold!r} must '
            "be positive for the 'plateau' schedule")
   for field in ('num_train_steps', 'eval_every_steps', 'image_size',
-                'num_devices'):
-    value = config[field]
+                'num_devices', 'input.workers'):
+    value = config
+    for part in field.split('.'):
+      value = value[part]
     _require(isinstance(value, int) and (value == -1 or value > 0),
              f'config.{field}={value!r} must be -1 or a positive integer')
 

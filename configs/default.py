@@ -34,12 +34,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model.init_scheme = 'paper'       # 'paper' or 'he'
 
   c.dataset = 'imagenet2012'          # 'imagenet2012', 'folder', 'digits', 'synthetic'
-  c.data_dir = ml_collections.FieldReference(None, field_type=str)  # TFDS
   # The prepared 256x256 store (python -m alexnet_jax.prepare --out=...).
   c.store_dir = ml_collections.FieldReference(None, field_type=str)
   c.input = ml_collections.ConfigDict()
   c.input.lighting_sigma = 0.1        # PCA lighting (section 4.1); 0 turns it off
   c.input.workers = -1                # decoding threads; -1: one per CPU core
+  c.input.processes = 0               # worker processes sharing them; 0: none
   c.ten_crop_eval = False             # the paper's 10 patches (section 4.1)
   c.image_size = -1                   # -1: the variant's (227 or 224)
   c.synthetic = ml_collections.ConfigDict()

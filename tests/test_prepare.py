@@ -409,3 +409,36 @@ def test_other_tfds_dataset(tmp_path, splits, sizes, origins):
     source = tfds.data_source(builder.name, split=origin, data_dir=data_dir)
     assert [label for label, _ in _records(out, split)] == [
         int(example['label']) for example in source]
+
+
+def test_train_an_epoch_and_evaluate_with_ten_patches(imagenet, tmp_path):
+  # The whole ImageNet path on the fake archives: the prepared store trains an
+  # epoch through the command line and is evaluated with the paper's ten
+  # patches, by the trainer and again by the evaluate command.
+  workdir = str(tmp_path / 'work')
+  env = dict(os.environ, JAX_PLATFORMS='cpu')
+  trained = subprocess.run(
+      [sys.executable, '-m', 'alexnet_jax.main',
+       '--config=configs/one_gpu.py:synthetic', f'--workdir={workdir}',
+       '--config.dataset=imagenet2012', f'--config.store_dir={imagenet["out"]}',
+       '--config.model.num_classes=1000', '--config.batch_size=4',
+       '--config.eval_batch_size=2', '--config.num_epochs=1',
+       '--config.ten_crop_eval=True', '--config.input.workers=2'],
+      cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
+  assert trained.returncode == 0, trained.stderr[-3000:]
+  steps = imagenet['info'].sizes['train'] // 4
+  assert f'final: step {steps}' in trained.stdout
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    records = [json.loads(line) for line in f]
+  final = [r for r in records if r['split'] == 'eval'][-1]
+  assert final['step'] == steps
+
+  evaluated = subprocess.run(
+      [sys.executable, '-m', 'alexnet_jax.evaluate', f'--workdir={workdir}',
+       '--ten_crop'],
+      cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
+  assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+  result = json.loads(evaluated.stdout.strip().splitlines()[-1])
+  assert result['patches'] == 10 and result['step'] == steps
+  for name in ('loss', 'top1', 'top5'):
+    assert abs(result[name] - final[name]) <= 1e-5 * max(1.0, abs(final[name]))

@@ -1,0 +1,325 @@
+"""ImageNet (or any prepared image folder) from the prepared store, via grain.
+
+The store (see `store.py`) holds the paper's 256x256 images as JPEGs. This
+module decodes them and applies the augmentation of section 4.1
+(`augment.py`) without TensorFlow, parallelised with grain: a `MapDataset`
+whose elements are whole batches, indexed by the training step, made by
+`workers` threads in this process or, with `processes > 0`, shared among that
+many worker processes, which build their batches directly in shared memory.
+
+What a batch holds depends only on (seed, step, rows):
+  * step s holds positions [p B, (p + 1) B) of `epoch_order(seed, e)`, where
+    e, p = divmod(s, steps_per_epoch) and B is the global batch, so the step
+    number is the whole input state: a run resumed at step s reads what an
+    uninterrupted run reads;
+  * every example's crop, reflection and lighting come from its own generator,
+    `np.random.default_rng([seed, e, example_index])`, so they depend neither
+    on the worker, thread or process that makes it nor on where the run
+    resumed;
+  * each process makes only the rows [first, last) of each global batch that
+    its devices hold.
+
+Worker processes are started with 'spawn': a script that uses them must
+guard its entry point with `if __name__ == '__main__':` (absl's `app.run`
+mains do).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import sys
+import threading
+from typing import Iterator
+
+import numpy as np
+
+from alexnet_jax import augment, data, store
+
+# Both wrap libjpeg-turbo: on the synthetic store Pillow 13.0 and OpenCV 5.0
+# gave identical pixels at the same speed here, so Pillow, which needs no
+# extra package, is the default.
+DECODERS = ('pil', 'cv2')
+# Batches made or waiting, per process.
+IN_FLIGHT_BYTES = 4 << 30
+
+
+def decode_jpeg_pil(jpeg: bytes) -> np.ndarray:
+  from PIL import Image
+  with Image.open(io.BytesIO(jpeg)) as image:
+    if image.mode != 'RGB':
+      image = image.convert('RGB')
+    return np.asarray(image)
+
+
+def decode_jpeg_cv2(jpeg: bytes) -> np.ndarray:
+  import cv2
+  bgr = cv2.imdecode(np.frombuffer(jpeg, np.uint8), cv2.IMREAD_COLOR)
+  if bgr is None:
+    raise ValueError('not a decodable image')
+  return bgr[..., ::-1]
+
+
+_DECODE = {'pil': decode_jpeg_pil, 'cv2': decode_jpeg_cv2}
+
+
+class PreparedDataset(data.Dataset):
+  """A prepared store's 'train' and 'validation' splits as batches.
+
+  Training batches: a random image_size patch of the mean-subtracted image,
+  reflected with probability 1/2, plus PCA lighting noise (section 4.1).
+  Evaluation batches: the centre patch, or with `ten_crop` the ten patches of
+  section 4.1 as images [B, 10, H, W, 3] (see `train.make_eval_step`).
+
+  Args:
+    store_dir: a directory written by `python -m alexnet_jax.prepare`.
+    image_size: the network's input (227 for the 2012 network, 224 for the
+      2014 one).
+    lighting_sigma: standard deviation of the lighting coefficients; 0.1 in
+      the paper, 0 switches the noise off (the draws still happen, so the
+      crops and reflections stay the same).
+    workers: decoding threads in all, each making whole batches (JPEG
+      decoding and NumPy release the GIL); -1: one per CPU core this process
+      may use.
+    processes: grain worker processes that share the `workers` threads
+      evenly; 0: all threads in this process.
+    prefetch: batches buffered per process beyond those being made.
+    ten_crop: evaluation batches carry the ten test patches.
+    decoder: 'pil' (Pillow) or 'cv2' (OpenCV, if installed).
+  """
+
+  def __init__(self, store_dir: str, image_size: int, *,
+               lighting_sigma: float = 0.1, workers: int = -1,
+               processes: int = 0, prefetch: int = 2, ten_crop: bool = False,
+               decoder: str = 'pil'):
+    info = store.check_store(store_dir)
+    stats = store.Statistics.load(store_dir)
+    stored = info.image_size
+    if stats.mean_image.shape != (stored, stored, 3):
+      raise ValueError(f'{store_dir}: the mean image is '
+                       f'{stats.mean_image.shape}, the images {stored}x'
+                       f'{stored}x3')
+    if not 0 < image_size <= stored:
+      raise ValueError(f'image_size={image_size} does not fit in the stored '
+                       f'{stored}x{stored} images')
+    if decoder not in DECODERS:
+      raise ValueError(f'decoder={decoder!r} is not one of {DECODERS}')
+    if workers == -1:
+      workers = len(os.sched_getaffinity(0))
+    if workers < 1 or processes < 0 or prefetch < 0:
+      raise ValueError(f'workers={workers}, processes={processes}, '
+                       f'prefetch={prefetch}: need workers >= 1 (or -1), '
+                       'processes >= 0 and prefetch >= 0')
+    self.store_dir = store_dir
+    self.name = info.name
+    self.class_names = list(info.class_names)
+    self.num_classes = info.num_classes
+    self.num_train = info.sizes['train']
+    self.num_eval = info.sizes['validation']
+    self.image_size = image_size
+    self.lighting_sigma = float(lighting_sigma)
+    self.workers = workers
+    self.processes = processes
+    # Whole threads per process: a process never has none.
+    self.threads = max(-(-workers // max(processes, 1)), 1)
+    self.prefetch = prefetch
+    self.ten_crop = ten_crop
+    self.decoder = decoder
+    self.mean_image = stats.mean_image.astype(np.float32)
+    self.eigval = stats.eigval.astype(np.float64)
+    self.eigvec = stats.eigvec.astype(np.float64)
+    self._train = store.SplitSource(store_dir, 'train')
+    self._eval = store.SplitSource(store_dir, 'validation')
+
+  @classmethod
+  def from_config(cls, config, image_size: int, *,
+                  ten_crop: bool | None = None) -> 'PreparedDataset':
+    """The dataset a config names: `store_dir`, `input.lighting_sigma`,
+    `input.workers`, `input.processes` and `ten_crop_eval` (defaults for
+    the fields it lacks)."""
+    given = config.get('input') or {}
+    if ten_crop is None:
+      ten_crop = config.get('ten_crop_eval', False)
+    return cls(config.get('store_dir'), image_size,
+               lighting_sigma=given.get('lighting_sigma', 0.1),
+               workers=given.get('workers', -1),
+               processes=given.get('processes', 0), ten_crop=ten_crop)
+
+  def _decode(self, source: store.SplitSource, index: int
+              ) -> tuple[int, np.ndarray]:
+    label, jpeg = source[index]
+    try:
+      image = _DECODE[self.decoder](jpeg)
+    except Exception as e:
+      raise ValueError(f'{self.store_dir}: record {index} does not decode: '
+                       f'{e}') from e
+    if image.shape != self.mean_image.shape:
+      raise ValueError(f'{self.store_dir}: record {index} is {image.shape}, '
+                       f'not {self.mean_image.shape}')
+    if not 0 <= label < self.num_classes:
+      raise ValueError(f'{self.store_dir}: record {index} has label {label} '
+                       f'of {self.num_classes} classes')
+    return label, image
+
+  # The synchronous path: one batch in the calling thread. The grain
+  # pipelines below call it once per batch.
+
+  def _train_examples(self, indices: np.ndarray, *, seed: int = 0,
+                      epoch: int = 0, shared: bool = False) -> data.Batch:
+    size = self.image_size
+    images = _empty((len(indices), size, size, 3), shared)
+    labels = np.empty(len(indices), np.int32)
+    for n, index in enumerate(indices):
+      labels[n], image = self._decode(self._train, int(index))
+      rng = np.random.default_rng([seed, epoch, int(index)])
+      images[n] = augment.train_example(
+          image, self.mean_image, size, self.eigval, self.eigvec, rng,
+          self.lighting_sigma)
+    return {'image': images, 'label': labels}
+
+  def _eval_examples(self, indices: np.ndarray, *,
+                     shared: bool = False) -> data.Batch:
+    size = self.image_size
+    crops = (10,) if self.ten_crop else ()
+    images = _empty((len(indices), *crops, size, size, 3), shared)
+    labels = np.empty(len(indices), np.int32)
+    for n, index in enumerate(indices):
+      labels[n], image = self._decode(self._eval, int(index))
+      images[n] = augment.eval_example(image, self.mean_image, size,
+                                       ten=self.ten_crop)
+    return {'image': images, 'label': labels}
+
+  # The grain pipelines.
+
+  def _iterate(self, batches, make_batch, batch_bytes: int
+               ) -> Iterator[data.Batch]:
+    import grain
+    make_batch.shared = self.processes > 0
+    # Every thread holds a batch and `prefetch` more wait. Ten-patch
+    # evaluation batches are ten times a training batch (1.6 GB for 256 at
+    # 227): memory, not the thread count, bounds how many are in flight.
+    in_flight = max(IN_FLIGHT_BYTES // batch_bytes, 1)
+    threads = min(self.threads, in_flight)
+    prefetch = min(self.prefetch, in_flight - threads)
+    ds = batches.map(make_batch).to_iter_dataset(grain.ReadOptions(
+        num_threads=threads, prefetch_buffer_size=threads + prefetch))
+    if self.processes:
+      _let_grain_read_its_flags()
+      ds = ds.mp_prefetch(grain.MultiprocessingOptions(
+          num_workers=self.processes, per_worker_buffer_size=1))
+    iterator = iter(ds)
+    try:
+      yield from iterator
+    finally:
+      # Stops the worker processes as soon as the caller drops the batches.
+      close = getattr(iterator, 'close', None)
+      if close is not None:
+        close()
+
+  def train_batches(self, *, batch_size: int, seed: int, start_step: int = 0,
+                    rows: tuple[int, int] | None = None
+                    ) -> Iterator[data.Batch]:
+    import grain
+    make_batch = _TrainBatch(self, batch_size, seed, rows)
+    return self._iterate(grain.MapDataset.range(start_step, sys.maxsize),
+                         make_batch, self._batch_bytes(make_batch.rows, 1))
+
+  def eval_batches(self, *, batch_size: int,
+                   rows: tuple[int, int] | None = None
+                   ) -> Iterator[data.Batch]:
+    import grain
+    count = -(-self.num_eval // batch_size)
+    make_batch = _EvalBatch(self, batch_size, rows)
+    patches = 10 if self.ten_crop else 1
+    return self._iterate(grain.MapDataset.range(count), make_batch,
+                         self._batch_bytes(make_batch.rows, patches))
+
+  def _batch_bytes(self, rows: tuple[int, int], patches: int) -> int:
+    return (rows[1] - rows[0]) * patches * self.image_size ** 2 * 3 * 4
+
+
+def _empty(shape, shared: bool) -> np.ndarray:
+  if shared:
+    # A worker process builds its batch in shared memory, which grain hands
+    # to the main process as it is; a private array would be copied there.
+    from grain import multiprocessing as grain_mp
+    return grain_mp.SharedMemoryArray(shape, np.float32)
+  return np.empty(shape, np.float32)
+
+
+def _let_grain_read_its_flags():
+  # Starting workers, grain reads an absl flag of its own, which raises while
+  # absl has not parsed the command line (a notebook, a test, a library
+  # caller). Marking that flag as given keeps its default, as grain itself
+  # does for its flags in the worker processes.
+  from absl import flags
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS['grain_enable_multiprocess_worker_profiling'].present = True
+
+
+class _TrainBatch:
+  """Step -> this process's rows of that step's global training batch."""
+
+  def __init__(self, dataset: PreparedDataset, batch_size: int, seed: int,
+               rows: tuple[int, int] | None):
+    self.dataset = dataset
+    self.batch_size = batch_size
+    self.seed = seed
+    self.rows = rows or (0, batch_size)
+    self.shared = False
+    self.steps_per_epoch = dataset.steps_per_epoch(batch_size)
+    if self.steps_per_epoch < 1:
+      raise ValueError(f'batch_size={batch_size} is larger than the '
+                       f'{dataset.num_train} training examples')
+    self._orders = {}
+    self._lock = threading.Lock()
+
+  def __getstate__(self):
+    state = dict(self.__dict__)
+    state['_orders'], state['_lock'] = {}, None
+    return state
+
+  def __setstate__(self, state):
+    self.__dict__.update(state)
+    self._lock = threading.Lock()
+
+  def _order(self, epoch: int) -> np.ndarray:
+    # Threads of one process share the current epoch's permutation instead of
+    # recomputing it (1.28M elements) for every batch.
+    with self._lock:
+      order = self._orders.get(epoch)
+      if order is None:
+        order = self.dataset.epoch_order(self.seed, epoch)
+        self._orders = {e: o for e, o in self._orders.items()
+                        if e == epoch - 1}
+        self._orders[epoch] = order
+      return order
+
+  def __call__(self, step: int) -> data.Batch:
+    epoch, position = divmod(int(step), self.steps_per_epoch)
+    start = position * self.batch_size
+    first, last = self.rows
+    indices = self._order(epoch)[start + first:start + last]
+    return self.dataset._train_examples(  # pylint: disable=protected-access
+        indices, seed=self.seed, epoch=epoch, shared=self.shared)
+
+
+class _EvalBatch:
+  """Batch number -> this process's rows, padded past the end and masked."""
+
+  def __init__(self, dataset: PreparedDataset, batch_size: int,
+               rows: tuple[int, int] | None):
+    self.dataset = dataset
+    self.batch_size = batch_size
+    self.rows = rows or (0, batch_size)
+    self.shared = False
+
+  def __call__(self, number: int) -> data.Batch:
+    first, last = self.rows
+    start = int(number) * self.batch_size
+    indices = np.arange(start + first, start + last)
+    mask = indices < self.dataset.num_eval
+    batch = self.dataset._eval_examples(  # pylint: disable=protected-access
+        np.where(mask, indices, 0), shared=self.shared)
+    batch['mask'] = mask.astype(np.float32)
+    return batch

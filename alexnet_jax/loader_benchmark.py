@@ -1,0 +1,181 @@
+"""The training input pipeline alone: JPEG decoding plus section 4.1's
+augmentation, in images per second.
+
+    python -m alexnet_jax.loader_benchmark --store=/tmp/fake --make_fake=2000
+    python -m alexnet_jax.loader_benchmark --store=/data/store --workers=16
+
+`--workers` decoding threads work in this process, or shared among
+`--processes` worker processes.
+
+`--make_fake=N` first writes a store of N synthetic 256x256 JPEGs (quality
+90, smooth colour fields with fine noise, about the size of prepared ImageNet
+images), so the pipeline can be measured without ImageNet. Prints images/s,
+images/s per worker and images per CPU-second (what one busy core delivers,
+counted over this process and its worker processes), then one JSON line.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import numpy as np
+from absl import app, flags
+
+from alexnet_jax import imagenet, store
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string('store', None, 'A prepared store directory.')
+flags.DEFINE_integer('make_fake', 0, 'First write a synthetic store of this '
+                     'many training images into --store.')
+flags.DEFINE_integer('workers', 1, 'Decoding threads in all (-1: one per '
+                     'core).')
+flags.DEFINE_integer('processes', 0, 'Worker processes sharing them (0: all '
+                     'in this process).')
+flags.DEFINE_integer('prefetch', 2, 'Batches buffered per process.')
+flags.DEFINE_integer('batch_size', 128, 'Images per batch.')
+flags.DEFINE_integer('steps', 50, 'Batches timed.')
+flags.DEFINE_integer('warmup', 3, 'Batches read before timing (worker start).')
+flags.DEFINE_integer('image_size', 227, 'The network input (227 or 224).')
+flags.DEFINE_enum('decoder', 'pil', imagenet.DECODERS, 'JPEG decoder.')
+flags.mark_flag_as_required('store')
+
+
+def natural_image(rng: np.random.Generator, size: int = 256) -> np.ndarray:
+  """Smooth colour fields at a few scales plus fine noise: JPEG sizes and
+  decode times like a photograph's, unlike white noise or flat colour."""
+  from PIL import Image
+  image = np.zeros((size, size, 3), np.float32)
+  for cells, weight in ((2, 0.5), (8, 0.3), (32, 0.2)):
+    field = rng.uniform(0, 255, (cells, cells, 3)).astype(np.uint8)
+    image += weight * np.asarray(Image.fromarray(field).resize(
+        (size, size), Image.BICUBIC), np.float32)
+  image += rng.normal(0, 6, image.shape)
+  return np.clip(image, 0, 255).astype(np.uint8)
+
+
+def encode_jpeg(image: np.ndarray, quality: int = 90) -> bytes:
+  import io
+  from PIL import Image
+  buffer = io.BytesIO()
+  Image.fromarray(image).save(buffer, format='JPEG', quality=quality)
+  return buffer.getvalue()
+
+
+def write_fake_store(directory: str, num_train: int, num_eval: int, *,
+                     num_classes: int = 10, size: int = 256,
+                     quality: int = 90, shards: int = 2,
+                     seed: int = 0) -> store.StoreInfo:
+  """A complete store of synthetic images, labels `index mod num_classes`,
+  with the training set's own statistics."""
+  os.makedirs(directory, exist_ok=True)
+  info = store.StoreInfo(name='fake', class_names=[f'class_{c}' for c in
+                                                   range(num_classes)],
+                         image_size=size, jpeg_quality=quality)
+  pixel_sum = np.zeros((size, size, 3), np.float64)
+  rgb_sum, rgb_outer, rgb_count = np.zeros(3), np.zeros((3, 3)), 0
+  for split, count in (('train', num_train), ('validation', num_eval)):
+    rng = np.random.default_rng([seed, 0 if split == 'train' else 1])
+    images = [natural_image(rng, size) for _ in range(count)]
+    if split == 'train':
+      for image in images:
+        pixel_sum += image
+        rgb = image.reshape(-1, 3) / 255.0
+        rgb_sum += rgb.sum(0)
+        rgb_outer += rgb.T @ rgb
+        rgb_count += len(rgb)
+    bounds = np.linspace(0, count, min(shards, count) + 1).astype(int)
+    info.shards[split] = []
+    for s, (begin, end) in enumerate(zip(bounds[:-1], bounds[1:])):
+      name = store.shard_name(split, s)
+      store.write_shard(os.path.join(directory, name), (
+          store.encode_record(i % num_classes, encode_jpeg(images[i], quality))
+          for i in range(begin, end)))
+      info.shards[split].append(name)
+    info.sizes[split] = count
+  mean_rgb = rgb_sum / rgb_count
+  covariance = rgb_outer / rgb_count - np.outer(mean_rgb, mean_rgb)
+  eigval, eigvec = np.linalg.eigh(covariance)
+  order = np.argsort(eigval)[::-1]
+  store.Statistics(mean_rgb=255 * mean_rgb, eigval=eigval[order],
+                   eigvec=eigvec[:, order],
+                   mean_image=pixel_sum / max(num_train, 1)).save(directory)
+  info.complete = True
+  info.save(directory)
+  return info
+
+
+def _cpu_seconds(root: int) -> float:
+  """User + system time of `root` and its descendants that are alive now."""
+  tick = os.sysconf('SC_CLK_TCK')
+  parents, times = {}, {}
+  for entry in os.listdir('/proc'):
+    if not entry.isdigit():
+      continue
+    try:
+      with open(f'/proc/{entry}/stat') as f:
+        fields = f.read().rsplit(')', 1)[1].split()
+    except OSError:
+      continue
+    parents[int(entry)] = int(fields[1])
+    times[int(entry)] = (int(fields[11]) + int(fields[12])) / tick
+  total, frontier = 0.0, [root]
+  while frontier:
+    pid = frontier.pop()
+    total += times.get(pid, 0.0)
+    frontier += [child for child, parent in parents.items() if parent == pid]
+  return total
+
+
+def run_benchmark(store_dir: str, *, workers: int, processes: int,
+                  prefetch: int, batch_size: int, steps: int, warmup: int,
+                  image_size: int, decoder: str) -> dict:
+  dataset = imagenet.PreparedDataset(store_dir, image_size, workers=workers,
+                                     processes=processes, prefetch=prefetch,
+                                     decoder=decoder)
+  batches = dataset.train_batches(batch_size=batch_size, seed=0)
+  for _ in range(warmup):
+    next(batches)
+  cpu_start, start = _cpu_seconds(os.getpid()), time.perf_counter()
+  for _ in range(steps):
+    batch = next(batches)
+  elapsed = time.perf_counter() - start
+  cpu = _cpu_seconds(os.getpid()) - cpu_start
+  batches.close()
+  images = steps * batch_size
+  assert batch['image'].shape == (batch_size, image_size, image_size, 3)
+  return {'images_per_sec': images / elapsed,
+          'images_per_sec_per_worker': images / elapsed / dataset.workers,
+          'images_per_cpu_sec': images / cpu if cpu > 0 else float('nan'),
+          'cpu_seconds': cpu, 'seconds': elapsed, 'workers': dataset.workers,
+          'processes': processes, 'threads_per_process': dataset.threads,
+          'batch_size': batch_size, 'steps': steps,
+          'image_size': image_size, 'decoder': decoder,
+          'cores': len(os.sched_getaffinity(0)), 'num_train': dataset.num_train}
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  if FLAGS.make_fake:
+    start = time.perf_counter()
+    write_fake_store(FLAGS.store, FLAGS.make_fake,
+                     max(FLAGS.make_fake // 50, 1))
+    print(f'wrote {FLAGS.make_fake} synthetic JPEGs to {FLAGS.store} in '
+          f'{time.perf_counter() - start:.1f} s')
+  result = run_benchmark(
+      FLAGS.store, workers=FLAGS.workers, processes=FLAGS.processes,
+      prefetch=FLAGS.prefetch, batch_size=FLAGS.batch_size, steps=FLAGS.steps,
+      warmup=FLAGS.warmup, image_size=FLAGS.image_size, decoder=FLAGS.decoder)
+  where = (f"in {FLAGS.processes} process(es)" if FLAGS.processes
+           else 'in this process')
+  print(f"{result['images_per_sec']:.0f} images/s with {result['workers']} "
+        f"worker thread(s) {where} on {result['cores']} cores: "
+        f"{result['images_per_sec_per_worker']:.0f} images/s per worker, "
+        f"{result['images_per_cpu_sec']:.0f} images per CPU-second")
+  print(json.dumps(result))
+
+
+if __name__ == '__main__':
+  app.run(main)
