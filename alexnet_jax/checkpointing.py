@@ -11,11 +11,17 @@ restore target carries the new shardings.
 from __future__ import annotations
 
 import os
+import shutil
 
 import jax
+from jax.experimental import multihost_utils
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
+
+
+class CheckpointError(RuntimeError):
+  """No checkpoint in the workdir can be restored."""
 
 
 class Checkpointer:
@@ -60,6 +66,55 @@ class Checkpointer:
             meta=ocp.args.JsonRestore()))
     logging.info('Restored step %d from %s', step, self.directory)
     return restored['state'], restored['schedule'], restored['meta']
+
+  def restore_latest_good(self, abstract_state, schedule_like):
+    """Restores the newest checkpoint that reads back whole.
+
+    A checkpoint that fails to restore (a truncated or corrupt file) is passed
+    over with a warning naming it and the step used instead. Returns None when
+    there is no checkpoint at all; raises when there are some and none reads,
+    rather than starting over from step 0 and overwriting them.
+    """
+    steps = sorted(self.all_steps(), reverse=True)
+    failures = []
+    for step in steps:
+      try:
+        restored = self.restore(step, abstract_state, schedule_like)
+      except Exception as e:  # orbax, tensorstore and JSON errors alike
+        failures.append((step, f'{type(e).__name__}: {e}'))
+        logging.warning('Checkpoint %d in %s cannot be restored (%s).', step,
+                        self.directory, failures[-1][1][:300])
+        continue
+      if failures:
+        self._set_aside([s for s, _ in failures])
+        logging.warning(
+            'Resuming from step %d instead of the unreadable checkpoint(s) %s '
+            '(moved to %s).', step, ', '.join(str(s) for s, _ in failures),
+            self.unreadable_directory)
+      return step, restored
+    if failures:
+      raise CheckpointError(
+          f'None of the checkpoints {steps} in {self.directory} can be '
+          f'restored; the newest failed with: {failures[0][1][:500]}. Move '
+          'them away to start over, or fix the config if it changed since '
+          'they were written.')
+    return None
+
+  @property
+  def unreadable_directory(self) -> str:
+    return self.directory + '_unreadable'
+
+  def _set_aside(self, steps):
+    # Kept for inspection, out of orbax's way: left in place, a newer
+    # unreadable step would make the manager skip every save up to it.
+    if jax.process_index() == 0:
+      os.makedirs(self.unreadable_directory, exist_ok=True)
+      for step in steps:
+        shutil.move(os.path.join(self.directory, str(step)),
+                    os.path.join(self.unreadable_directory, str(step)))
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices('checkpoints set aside')
+    self.manager.reload()
 
   def wait(self):
     self.manager.wait_until_finished()

@@ -38,13 +38,13 @@ def main(argv):
   config = FLAGS.config
   runtime.setup(config)  # CPU devices and jax.distributed, before JAX starts
   import jax
-  from alexnet_jax import train, validation
+  from alexnet_jax import checkpointing, train, validation
   logging.info('JAX process %d of %d, local devices: %s', jax.process_index(),
                jax.process_count(), jax.local_devices())
   try:
     final = train.train_and_evaluate(config, FLAGS.workdir)
   except (validation.ConfigError, train.NonFiniteLossError,
-          FileNotFoundError) as e:
+          checkpointing.CheckpointError, FileNotFoundError) as e:
     logging.error('%s', e)
     print(f'error: {e}', file=sys.stderr)
     sys.exit(1)

@@ -344,10 +344,11 @@ def _train_and_evaluate(config, workdir: str) -> dict:
       workdir, max_to_keep=config.max_checkpoints_to_keep,
       every_steps=config.checkpoint_every_steps)
   meta = {'eval': None}
-  latest = ckpt.latest_step()
-  if latest is not None:
-    state, schedule, meta = ckpt.restore(
-        latest, checkpointing.abstract(state, shardings), schedule)
+  latest = None
+  found = ckpt.restore_latest_good(checkpointing.abstract(state, shardings),
+                                   schedule)
+  if found is not None:
+    latest, (state, schedule, meta) = found
     logging.info('Resuming at step %d', latest)
   start_step = int(jax.device_get(state['step']))
   writer = metrics_io.MetricWriter(workdir, resume_step=start_step)
