@@ -32,7 +32,9 @@ class Checkpointer:
         self.directory,
         options=ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep, save_interval_steps=every_steps,
-            create=True))
+            # A save killed half-way leaves a temporary folder: removed at
+            # the next start, it can never be mistaken for a checkpoint.
+            cleanup_tmp_directories=True, create=True))
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
