@@ -81,8 +81,9 @@ killed=0
 
 stop_all() {
   # SIGTERM makes the trainer save a checkpoint and exit after its step
-  # (train._Preemption); one stuck in a collective with a dead peer never
-  # gets there and is killed after the grace period.
+  # (train._Preemption). One waiting in a collective for a dead peer exits by
+  # itself once the peer misses its heartbeats (--heartbeat_timeout_seconds);
+  # whatever is still running after the grace period is killed.
   [[ -n "$stop_at" ]] && return
   stop_at=$((SECONDS + grace))
   for pid in "${!index_of[@]}"; do
