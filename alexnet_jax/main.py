@@ -11,7 +11,7 @@ import traceback
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from alexnet_jax import runtime
+from alexnet_jax import metrics_io, runtime
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('workdir', None, 'Checkpoints, metrics.jsonl and '
@@ -23,18 +23,10 @@ runtime.define_distributed_flags()
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
-class _QuietLibraries:
-  """Keeps the libraries' INFO chatter (orbax logs every file it writes) off
-  the terminal, so the progress lines stay readable; warnings still show."""
-
-  def filter(self, record):
-    return record.levelno >= 30 or 'alexnet_jax' in record.pathname
-
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  logging.get_absl_handler().addFilter(_QuietLibraries())
+  metrics_io.quiet_library_logs()
   config = FLAGS.config
   runtime.setup(config)  # CPU devices and jax.distributed, before JAX starts
   import jax

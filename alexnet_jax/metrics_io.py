@@ -9,6 +9,7 @@ about to be written again) are dropped, so the file reads like one run.
 from __future__ import annotations
 
 import json
+import logging as logging_lib
 import math
 import os
 
@@ -75,3 +76,17 @@ def format_duration(seconds: float) -> str:
   hours, rest = divmod(seconds, 3600)
   minutes, seconds = divmod(rest, 60)
   return f'{hours}h{minutes:02d}m' if hours else f'{minutes}m{seconds:02d}s'
+
+
+class _OwnLogsAndWarnings:
+  """Lets through this package's log lines and everyone's warnings: the
+  libraries' INFO chatter (orbax logs every file it writes, TFDS every
+  stage) would bury the progress lines."""
+
+  def filter(self, record):
+    return record.levelno >= logging_lib.WARNING or (
+        'alexnet_jax' in record.pathname)
+
+
+def quiet_library_logs() -> None:
+  logging.get_absl_handler().addFilter(_OwnLogsAndWarnings())

@@ -686,20 +686,12 @@ def prepare(dataset: str, out: str, *, manual_dir: str | None = None,
   return convert(data, os.path.expanduser(out), **kwargs)
 
 
-class _QuietLibraries:
-  """Keeps TFDS's INFO lines off the terminal, so that the progress lines
-  stay readable; warnings still show."""
-
-  def filter(self, record):
-    # 30: logging.WARNING (absl's own WARNING constant is another number).
-    return record.levelno >= 30 or 'alexnet_jax' in record.pathname
-
-
 def main(argv):
   from absl import app, flags
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  logging.get_absl_handler().addFilter(_QuietLibraries())
+  from alexnet_jax import metrics_io
+  metrics_io.quiet_library_logs()
   f = flags.FLAGS
   try:
     prepare(f.dataset, f.out, manual_dir=f.manual_dir, data_dir=f.data_dir,

@@ -59,3 +59,4 @@ def setup(config, *, num_cpu_devices: int | None = None) -> None:
           heartbeat_timeout_seconds=_HEARTBEAT_TIMEOUT.value)
     logging.info('jax.distributed: process %d of %d', jax.process_index(),
                  jax.process_count())
+
