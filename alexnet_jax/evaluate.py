@@ -39,7 +39,6 @@ flags.DEFINE_integer('eval_batch_size', None, 'Overrides the config\'s; ten '
 config_flags.DEFINE_config_file('config', None, 'A configs/*.py file that '
                                 'replaces WORKDIR/config.json.',
                                 lock_config=False)
-runtime.define_distributed_flags()
 flags.mark_flags_as_required(['workdir'])
 
 

@@ -19,7 +19,6 @@ flags.DEFINE_string('workdir', None, 'Checkpoints, metrics.jsonl and '
 config_flags.DEFINE_config_file('config', None, 'A configs/*.py file, '
                                 'optionally with :ARG (digits, synthetic).',
                                 lock_config=True)
-runtime.define_distributed_flags()
 flags.mark_flags_as_required(['config', 'workdir'])
 
 

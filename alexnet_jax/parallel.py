@@ -142,7 +142,7 @@ def make_scheme(parallelism: str, devices, requested_shape=()) -> Scheme:
   return Scheme(parallelism, mesh, batch_axes, fields)
 
 
-def device_index(scheme: Scheme):
+def device_index():
   """This device's position in the mesh, inside shard_map.
 
   Folded into the dropout key so that no two devices (column halves or batch

@@ -26,10 +26,6 @@ _HEARTBEAT_TIMEOUT = flags.DEFINE_integer(
     lower_bound=1)
 
 
-def define_distributed_flags():
-  """The flags are defined at import; this marks where a main uses them."""
-
-
 def cpu_devices_needed(config) -> int:
   if config.parallelism == 'none':
     return 1

@@ -142,7 +142,7 @@ def make_grad_fn(model: models.AlexNet, scheme: parallel.Scheme, param_specs):
 
   def device_grads(params, batch, rng):
     # Every device draws its own dropout masks: column halves and batch shards.
-    rng = jax.random.fold_in(rng, parallel.device_index(scheme))
+    rng = jax.random.fold_in(rng, parallel.device_index())
 
     def loss_fn(params):
       # Marking the float32 parameters per-device here puts the gradient sum
