@@ -21,20 +21,29 @@ from absl import logging
 
 
 class CheckpointError(RuntimeError):
-  """No checkpoint in the workdir can be restored."""
+  """No checkpoint in the workdir can be restored, or one cannot be written."""
 
 
 class Checkpointer:
 
   def __init__(self, workdir: str, *, max_to_keep: int, every_steps: int):
     self.directory = os.path.join(os.path.abspath(workdir), 'checkpoints')
-    self.manager = ocp.CheckpointManager(
-        self.directory,
-        options=ocp.CheckpointManagerOptions(
-            max_to_keep=max_to_keep, save_interval_steps=every_steps,
-            # A save killed half-way leaves a temporary folder: removed at
-            # the next start, it can never be mistaken for a checkpoint.
-            cleanup_tmp_directories=True, create=True))
+    try:
+      self.manager = ocp.CheckpointManager(
+          self.directory,
+          options=ocp.CheckpointManagerOptions(
+              max_to_keep=max_to_keep, save_interval_steps=every_steps,
+              # A save killed half-way leaves a temporary folder: removed at
+              # the next start, it can never be mistaken for a checkpoint.
+              cleanup_tmp_directories=True, create=True,
+              # A step directory that cannot be made then fails the save
+              # call itself. Made in the background, its failure leaves
+              # orbax's writer threads waiting 300 s for it at exit.
+              async_options=ocp.AsyncOptions(
+                  create_directories_asynchronously=False)))
+    except OSError as e:
+      raise CheckpointError(
+          f'Cannot keep checkpoints in {self.directory}: {e}') from e
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
@@ -49,12 +58,22 @@ class Checkpointer:
     # host: as NumPy process 0 writes it, whereas orbax refuses host-local
     # jax.Arrays under jax.distributed.
     schedule = jax.tree.map(np.asarray, schedule)
-    return self.manager.save(
-        step,
-        args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                schedule=ocp.args.StandardSave(schedule),
-                                meta=ocp.args.JsonSave(meta)),
-        force=force)
+    try:
+      return self.manager.save(
+          step,
+          args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                  schedule=ocp.args.StandardSave(schedule),
+                                  meta=ocp.args.JsonSave(meta)),
+          force=force)
+    except Exception as e:  # this save, or the previous one's background part
+      raise self._write_error(e) from e
+
+  def _write_error(self, e: Exception) -> CheckpointError:
+    return CheckpointError(
+        f'Writing a checkpoint in {self.directory} failed: '
+        f'{type(e).__name__}: {e}. The checkpoints written before are '
+        'untouched: free some space (or fix the permissions) there and run '
+        'the same command to resume from the latest one.')
 
   def restore(self, step: int, abstract_state, schedule_like):
     """Restores the state onto the shardings that `abstract_state` carries and
@@ -119,7 +138,10 @@ class Checkpointer:
     self.manager.reload()
 
   def wait(self):
-    self.manager.wait_until_finished()
+    try:
+      self.manager.wait_until_finished()
+    except Exception as e:  # a background write failed
+      raise self._write_error(e) from e
 
   def close(self):
     self.manager.close()

@@ -33,6 +33,7 @@ import threading
 from typing import Iterator
 
 import numpy as np
+from absl import logging
 
 from alexnet_jax import augment, data, store
 
@@ -147,8 +148,8 @@ class PreparedDataset(data.Dataset):
 
   def _decode(self, source: store.SplitSource, index: int
               ) -> tuple[int, np.ndarray]:
-    label, jpeg = source[index]
     try:
+      label, jpeg = source[index]
       image = _DECODE[self.decoder](jpeg)
     except Exception as e:
       raise ValueError(f'{self.store_dir}: record {index} does not decode: '
@@ -169,13 +170,29 @@ class PreparedDataset(data.Dataset):
     size = self.image_size
     images = _empty((len(indices), size, size, 3), shared)
     labels = np.empty(len(indices), np.int32)
+    skipped = np.zeros(len(indices), np.int32)
     for n, index in enumerate(indices):
-      labels[n], image = self._decode(self._train, int(index))
-      rng = np.random.default_rng([seed, epoch, int(index)])
+      index, skipped[n], labels[n], image = self._usable_train(int(index))
+      rng = np.random.default_rng([seed, epoch, index])
       images[n] = augment.train_example(
           image, self.mean_image, size, self.eigval, self.eigvec, rng,
           self.lighting_sigma)
-    return {'image': images, 'label': labels}
+    return {'image': images, 'label': labels, 'skipped': skipped}
+
+  def _usable_train(self, index: int) -> tuple[int, int, int, np.ndarray]:
+    """The training example at `index` or, when its record cannot be used,
+    at the next index whose record can: the same one on every pass, so the
+    batch keeps its size and a resumed run reads the same. Returns (index
+    used, records passed over, label, image)."""
+    for passed in range(self.num_train):
+      candidate = (index + passed) % self.num_train
+      try:
+        label, image = self._decode(self._train, candidate)
+      except ValueError as e:
+        logging.warning('Skipping a training example: %s', e)
+        continue
+      return candidate, passed, label, image
+    raise ValueError(f'{self.store_dir}: no training record decodes')
 
   def _eval_examples(self, indices: np.ndarray, *,
                      shared: bool = False) -> data.Batch:

@@ -35,7 +35,7 @@ def main(argv):
   try:
     final = train.train_and_evaluate(config, FLAGS.workdir)
   except (validation.ConfigError, train.NonFiniteLossError,
-          checkpointing.CheckpointError, FileNotFoundError) as e:
+          checkpointing.CheckpointError, OSError) as e:
     logging.error('%s', e)
     print(f'error: {e}', file=sys.stderr)
     sys.exit(1)

@@ -23,7 +23,18 @@ def read_metrics(workdir: str) -> list[dict]:
   if not os.path.exists(path):
     return []
   with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+    lines = [line for line in f if line.strip()]
+  records = []
+  for n, line in enumerate(lines):
+    try:
+      records.append(json.loads(line))
+    except json.JSONDecodeError:
+      if n < len(lines) - 1:
+        raise
+      # Half a record: the disk filled up, or the process was killed, while
+      # it was appended. A resumed run writes that step again.
+      logging.warning('Dropping the partly written last line of %s.', path)
+  return records
 
 
 class MetricWriter:
@@ -36,9 +47,12 @@ class MetricWriter:
       return
     kept = [r for r in read_metrics(workdir) if r['step'] <= resume_step]
     tmp = self.path + '.tmp'
-    with open(tmp, 'w') as f:
-      f.writelines(json.dumps(r) + '\n' for r in kept)
-    os.replace(tmp, self.path)
+    try:
+      with open(tmp, 'w') as f:
+        f.writelines(json.dumps(r) + '\n' for r in kept)
+      os.replace(tmp, self.path)
+    except OSError as e:
+      raise _write_error(e, tmp) from e
     try:
       from tensorboardX import SummaryWriter
     except ImportError:  # TensorBoard output is optional; metrics.jsonl is not.
@@ -50,8 +64,11 @@ class MetricWriter:
     if not self.enabled:
       return
     record = {k: _plain(v) for k, v in record.items()}
-    with open(self.path, 'a') as f:
-      f.write(json.dumps(record) + '\n')
+    try:
+      with open(self.path, 'a') as f:
+        f.write(json.dumps(record) + '\n')
+    except OSError as e:
+      raise _write_error(e, self.path) from e
     if self._tb is not None:
       for key, value in record.items():
         if key not in ('step', 'split') and isinstance(value, (int, float)):
@@ -61,6 +78,11 @@ class MetricWriter:
   def close(self):
     if self._tb is not None:
       self._tb.close()
+
+
+def _write_error(e: OSError, path: str) -> OSError:
+  # A failed flush on close (a full disk) raises without the file's name.
+  return OSError(e.errno, f'Cannot write {path}: {e.strerror or e}')
 
 
 def _plain(value):

@@ -92,6 +92,12 @@ def check_store(directory: str | None, *, splits=('train', 'validation')
     for shard in info.shards[split]:
       if not os.path.exists(os.path.join(directory, shard)):
         raise StoreError(f'{shard} is missing from {directory}. {how}')
+  for name in (STATS, MEAN_IMAGE):
+    if not os.path.exists(os.path.join(directory, name)):
+      raise StoreError(
+          f'{name} (the training set statistics) is missing from '
+          f'{directory}. Prepare the dataset again into a new --out '
+          f'directory: {how}')
   return info
 
 

@@ -371,6 +371,17 @@ def _train_and_evaluate(config, workdir: str) -> dict:
   # that a resumed run logs the same averages as an uninterrupted one.
   pending: list[tuple[int, dict]] = [
       (s, m) for s, m in meta.get('pending', []) if s <= start_step]
+  # Training examples whose record could not be used, so far in the run.
+  # Each process counts its own rows; the checkpoint holds the total, carried
+  # on by process 0.
+  skipped_images = (meta.get('skipped_images', 0)
+                    if jax.process_index() == 0 else 0)
+
+  def total_skipped() -> int:
+    if jax.process_count() == 1:
+      return skipped_images
+    return int(np.sum(multihost_utils.process_allgather(
+        np.int64(skipped_images))))
   last_good = latest
 
   def check_finite():
@@ -400,6 +411,7 @@ def _train_and_evaluate(config, workdir: str) -> dict:
     nonlocal last_good
     meta['pending'] = check_finite()
     meta['step'] = step
+    meta['skipped_images'] = total_skipped()
     if ckpt.save(step, state, schedule, meta, force=force):
       last_good = step
 
@@ -409,7 +421,9 @@ def _train_and_evaluate(config, workdir: str) -> dict:
   try:
     with _Preemption() as preemption:
       for step in range(start_step + 1, total_steps + 1):
-        batch = global_batch(scheme, next(batches), config.batch_size)
+        local = next(batches)
+        skipped_images += int(np.sum(local.pop('skipped', 0)))
+        batch = global_batch(scheme, local, config.batch_size)
         state, metrics = train_step(state, batch, lr,
                                     jax.random.fold_in(base_rng, step))
         pending.append((step, metrics))
@@ -425,7 +439,8 @@ def _train_and_evaluate(config, workdir: str) -> dict:
           images_per_sec = steps_per_sec * config.batch_size
           writer.write({'step': step, 'epoch': step / steps_per_epoch,
                         'split': 'train', **means, 'lr': lr,
-                        'images_per_sec': images_per_sec})
+                        'images_per_sec': images_per_sec,
+                        'skipped_images': total_skipped()})
           logging.info(
               'step %d/%d  epoch %.2f  loss %.4f  top1 %.2f%%  top5 %.2f%%  '
               'lr %.2g  %.0f img/s  ETA %s', step, total_steps,

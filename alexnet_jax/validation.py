@@ -29,10 +29,21 @@ def _choice(config, field: str, choices):
            f'config.{field}={value!r} is not one of {tuple(choices)}')
 
 
-def _positive(config, field: str, *, allow_zero=False, integer=False):
+def _value(config, field: str):
   value = config
   for part in field.split('.'):
     value = value[part]
+  return value
+
+
+def _number(config, field: str):
+  value = _value(config, field)
+  _require(isinstance(value, (int, float)) and not isinstance(value, bool),
+           f'config.{field}={value!r} must be a number')
+
+
+def _positive(config, field: str, *, allow_zero=False, integer=False):
+  value = _value(config, field)
   bad_type = not isinstance(value, (int, float)) or isinstance(value, bool)
   if integer:
     bad_type = bad_type or not isinstance(value, int)
@@ -61,6 +72,23 @@ def check_config(config) -> None:
   _choice(config, 'optimizer.schedule', ('plateau', 'step', 'constant'))
   _choice(config, 'optimizer.momentum_convention', ('paper', 'torch'))
   _choice(config, 'optimizer.batch_scaling', ('none', 'sqrt', 'linear_conv'))
+  # Compared below: a string or None would raise TypeError there.
+  _number(config, 'model.dropout_rate')
+  _number(config, 'optimizer.plateau_factor')
+  for field in ('ten_crop_eval', 'optimizer.decay_biases'):
+    value = _value(config, field)
+    _require(isinstance(value, bool),
+             f'config.{field}={value!r} must be True or False')
+  _require(config.store_dir is None or isinstance(config.store_dir, str),
+           f'config.store_dir={config.store_dir!r} must be a directory (a '
+           'string)')
+  shape = config.mesh_shape
+  _require(isinstance(shape, (tuple, list)) and len(shape) in (0, 2)
+           and all(isinstance(s, int) and not isinstance(s, bool)
+                   and (s > 0 or s == -1) for s in shape)
+           and list(shape).count(-1) <= 1,
+           f'config.mesh_shape={shape!r} must be () or (data, model): '
+           'positive integers, one of which may be -1')
   _require(0.0 <= m.dropout_rate < 1.0,
            f'config.model.dropout_rate={m.dropout_rate!r} must be in [0, 1)')
   for field in ('model.num_classes', 'model.lrn_n', 'model.pool_window',
@@ -68,16 +96,18 @@ def check_config(config) -> None:
                 'num_epochs', 'log_every_steps', 'checkpoint_every_steps',
                 'max_checkpoints_to_keep', 'optimizer.plateau_patience',
                 'optimizer.step_epochs', 'optimizer.reference_batch_size',
-                'cpu_devices'):
+                'cpu_devices', 'synthetic.num_train', 'synthetic.num_eval'):
     _positive(config, field, integer=True)
   for field in ('model.width', 'model.lrn_alpha', 'model.lrn_beta',
                 'optimizer.learning_rate'):
     _positive(config, field)
   for field in ('model.lrn_k', 'optimizer.weight_decay',
                 'optimizer.plateau_threshold', 'optimizer.momentum',
-                'optimizer.max_drops', 'input.lighting_sigma'):
+                'input.lighting_sigma'):
     _positive(config, field, allow_zero=True)
-  _positive(config, 'input.processes', allow_zero=True, integer=True)
+  # A negative seed: np.random.default_rng([seed, epoch]) refuses it.
+  for field in ('input.processes', 'optimizer.max_drops', 'seed'):
+    _positive(config, field, allow_zero=True, integer=True)
   _require(m.lrn_n % 2 == 1,
            f'config.model.lrn_n={m.lrn_n} must be odd (a window centred on '
            'each channel)')
@@ -92,7 +122,8 @@ def check_config(config) -> None:
     value = config
     for part in field.split('.'):
       value = value[part]
-    _require(isinstance(value, int) and (value == -1 or value > 0),
+    _require(isinstance(value, int) and not isinstance(value, bool)
+             and (value == -1 or value > 0),
              f'config.{field}={value!r} must be -1 or a positive integer')
 
   size = image_size(config)
@@ -149,7 +180,8 @@ def check_layout(config, scheme: parallel.Scheme, process_count: int) -> None:
 def check_dataset(config, dataset: data.Dataset) -> None:
   _require(dataset.num_classes == config.model.num_classes,
            f'config.model.num_classes={config.model.num_classes} but dataset '
-           f'{dataset.name!r} has {dataset.num_classes} classes')
+           f'{dataset.name!r} has {dataset.num_classes} classes; run with '
+           f'--config.model.num_classes={dataset.num_classes}')
   _require(dataset.steps_per_epoch(config.batch_size) > 0,
            f'config.batch_size={config.batch_size} is larger than the '
            f'{dataset.num_train} training examples of {dataset.name!r}')
