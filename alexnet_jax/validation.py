@@ -21,14 +21,6 @@ def _require(ok: bool, message: str):
     raise ConfigError(message)
 
 
-def _choice(config, field: str, choices):
-  value = config
-  for part in field.split('.'):
-    value = value[part]
-  _require(value in choices,
-           f'config.{field}={value!r} is not one of {tuple(choices)}')
-
-
 def _value(config, field: str):
   value = config
   for part in field.split('.'):
@@ -40,6 +32,12 @@ def _number(config, field: str):
   value = _value(config, field)
   _require(isinstance(value, (int, float)) and not isinstance(value, bool),
            f'config.{field}={value!r} must be a number')
+
+
+def _choice(config, field: str, choices):
+  value = _value(config, field)
+  _require(value in choices,
+           f'config.{field}={value!r} is not one of {tuple(choices)}')
 
 
 def _positive(config, field: str, *, allow_zero=False, integer=False):
@@ -119,9 +117,7 @@ def check_config(config) -> None:
            "be positive for the 'plateau' schedule")
   for field in ('num_train_steps', 'eval_every_steps', 'image_size',
                 'num_devices', 'input.workers'):
-    value = config
-    for part in field.split('.'):
-      value = value[part]
+    value = _value(config, field)
     _require(isinstance(value, int) and not isinstance(value, bool)
              and (value == -1 or value > 0),
              f'config.{field}={value!r} must be -1 or a positive integer')
