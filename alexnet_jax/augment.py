@@ -17,6 +17,32 @@ from __future__ import annotations
 
 import numpy as np
 
+# torchvision's ImageNet normalisation, on the 0..1 scale: its published
+# weights expect (pixel / 255 - mean) / std per channel.
+IMAGENET_MEAN_RGB = (0.485, 0.456, 0.406)
+IMAGENET_STD_RGB = (0.229, 0.224, 0.225)
+NORMALIZATIONS = ('mean_image', 'imagenet_mean_std')
+
+
+def normalization(name: str, mean_image: np.ndarray
+                  ) -> tuple[np.ndarray, np.ndarray | None]:
+  """(image to subtract, per-channel factor applied afterwards or None).
+
+  'mean_image': the training set's per-pixel mean (section 2), no factor.
+  'imagenet_mean_std': torchvision's per-channel mean as an image of the same
+  shape, then 1/std; on the 0..255 scale, the same as torchvision's
+  normalisation of 0..1 pixels.
+  """
+  if name == 'mean_image':
+    return mean_image, None
+  if name == 'imagenet_mean_std':
+    mean = np.broadcast_to(255.0 * np.asarray(IMAGENET_MEAN_RGB, np.float32),
+                           mean_image.shape)
+    return np.ascontiguousarray(mean), (
+        1.0 / (255.0 * np.asarray(IMAGENET_STD_RGB, np.float32)))
+  raise ValueError(f'normalization must be one of {NORMALIZATIONS}, got '
+                   f'{name!r}')
+
 
 def subtract_mean(image: np.ndarray, mean_image: np.ndarray) -> np.ndarray:
   """The image minus the training set's per-pixel mean image (section 2),

@@ -21,10 +21,8 @@ import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from alexnet_jax import (checkpointing, data, optim, parallel, runtime,
+from alexnet_jax import (checkpointing, data, optim, parallel, runs, runtime,
                          train, validation)
-
-CONFIG_FILE = 'config.json'
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('workdir', None, 'The training run\'s directory.')
@@ -40,17 +38,6 @@ config_flags.DEFINE_config_file('config', None, 'A configs/*.py file that '
                                 'replaces WORKDIR/config.json.',
                                 lock_config=False)
 flags.mark_flags_as_required(['workdir'])
-
-
-def load_config(workdir: str) -> ml_collections.ConfigDict:
-  """The config a run in `workdir` was trained with."""
-  path = os.path.join(workdir, CONFIG_FILE)
-  if not os.path.exists(path):
-    raise FileNotFoundError(
-        f'{path} does not exist: pass --config=the config file the run was '
-        'trained with (and its --config.FIELD overrides).')
-  with open(path) as f:
-    return ml_collections.ConfigDict(json.load(f))
 
 
 def evaluate_checkpoint(config, workdir: str, *, ten_crop: bool = False,
@@ -107,7 +94,7 @@ def main(argv):
   # Orbax logs every file it reads at INFO; the result is what matters here.
   logging.set_verbosity(logging.WARNING)
   try:
-    config = FLAGS.config or load_config(FLAGS.workdir)
+    config = FLAGS.config or runs.load_config(FLAGS.workdir)
     with config.unlocked():
       if FLAGS.store_dir:
         config.store_dir = FLAGS.store_dir

@@ -87,12 +87,15 @@ class PreparedDataset(data.Dataset):
     prefetch: batches buffered per process beyond those being made.
     ten_crop: evaluation batches carry the ten test patches.
     decoder: 'pil' (Pillow) or 'cv2' (OpenCV, if installed).
+    normalization: 'mean_image' (the paper's) or 'imagenet_mean_std'
+      (torchvision's, which converted weights expect); see
+      `augment.normalization`.
   """
 
   def __init__(self, store_dir: str, image_size: int, *,
                lighting_sigma: float = 0.1, workers: int = -1,
                processes: int = 0, prefetch: int = 2, ten_crop: bool = False,
-               decoder: str = 'pil'):
+               decoder: str = 'pil', normalization: str = 'mean_image'):
     info = store.check_store(store_dir)
     stats = store.Statistics.load(store_dir)
     stored = info.image_size
@@ -126,7 +129,8 @@ class PreparedDataset(data.Dataset):
     self.prefetch = prefetch
     self.ten_crop = ten_crop
     self.decoder = decoder
-    self.mean_image = stats.mean_image.astype(np.float32)
+    self.mean_image, self.scale = augment.normalization(
+        normalization, stats.mean_image.astype(np.float32))
     self.eigval = stats.eigval.astype(np.float64)
     self.eigvec = stats.eigvec.astype(np.float64)
     self._train = store.SplitSource(store_dir, 'train')
@@ -144,7 +148,8 @@ class PreparedDataset(data.Dataset):
     return cls(config.get('store_dir'), image_size,
                lighting_sigma=given.get('lighting_sigma', 0.1),
                workers=given.get('workers', -1),
-               processes=given.get('processes', 0), ten_crop=ten_crop)
+               processes=given.get('processes', 0), ten_crop=ten_crop,
+               normalization=given.get('normalization', 'mean_image'))
 
   def _decode(self, source: store.SplitSource, index: int
               ) -> tuple[int, np.ndarray]:
@@ -177,7 +182,12 @@ class PreparedDataset(data.Dataset):
       images[n] = augment.train_example(
           image, self.mean_image, size, self.eigval, self.eigvec, rng,
           self.lighting_sigma)
+    self._rescale(images)
     return {'image': images, 'label': labels, 'skipped': skipped}
+
+  def _rescale(self, images: np.ndarray) -> None:
+    if self.scale is not None:
+      np.multiply(images, self.scale, out=images)
 
   def _usable_train(self, index: int) -> tuple[int, int, int, np.ndarray]:
     """The training example at `index` or, when its record cannot be used,
@@ -204,6 +214,7 @@ class PreparedDataset(data.Dataset):
       labels[n], image = self._decode(self._eval, int(index))
       images[n] = augment.eval_example(image, self.mean_image, size,
                                        ten=self.ten_crop)
+    self._rescale(images)
     return {'image': images, 'label': labels}
 
   # The grain pipelines.

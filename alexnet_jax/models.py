@@ -48,7 +48,19 @@ ARCHITECTURES = {
         image_size=224, conv_features=(64, 192, 384, 256, 256), conv1_padding=2,
         columns=1, fc_features=4096, lrn_default=False,
         dropout_position='before'),
+    # The paper's single-column comparison (section 3.5, footnote 2): one
+    # column with half the kernels of the two-column network in conv1-conv4,
+    # but conv5 and the FC layers kept whole, so it has about as many
+    # parameters (the comparison favours it).
+    'one_column': Architecture(
+        image_size=227, conv_features=(48, 128, 192, 192, 256),
+        conv1_padding=0, columns=1, fc_features=4096, lrn_default=True,
+        dropout_position='after'),
 }
+
+# The non-linearity: the paper's ReLU, or the saturating tanh it is compared
+# with in Figure 1.
+ACTIVATIONS = {'relu': nn.relu, 'tanh': jnp.tanh}
 
 # Layers whose bias starts at 1 in the paper (section 5): it gives the ReLUs
 # positive inputs early in training.
@@ -130,8 +142,9 @@ class AlexNet(nn.Module):
   """AlexNet; `model.apply(variables, images, train=..., rngs=...)` -> logits.
 
   Attributes:
-    variant: 'original' (2012, two columns, 227 input) or 'owt' (2014 one
-      weird trick single column, torchvision layout, 224 input).
+    variant: 'original' (2012, two columns, 227 input), 'owt' (2014 one
+      weird trick single column, torchvision layout, 224 input) or
+      'one_column' (the 2012 paper's single-column comparison).
     num_classes: size of fc8.
     dropout_rate: dropout probability at the two dropout sites.
     dtype: compute dtype.
@@ -141,6 +154,7 @@ class AlexNet(nn.Module):
     lrn_n, lrn_k, lrn_alpha, lrn_beta: the paper's LRN constants.
     pool_window, pool_stride: 3/2 is the paper's overlapping pooling.
     init_scheme: 'paper' (N(0, 0.01), biases 1 in conv2/4/5, fc6/7) or 'he'.
+    activation: 'relu' (section 3.1) or 'tanh' (Figure 1's comparison).
 
   Partition fields (set by `alexnet_jax.parallel`; defaults = one device):
     column_axis: mesh axis holding the columns of the 'original' network; each
@@ -166,6 +180,7 @@ class AlexNet(nn.Module):
   pool_window: int = 3
   pool_stride: int = 2
   init_scheme: str = 'paper'
+  activation: str = 'relu'
   column_axis: AxisName = None
   column_shards: int = 1
   fc_axis: AxisName = None
@@ -236,20 +251,24 @@ class AlexNet(nn.Module):
     columns = arch.columns // self.column_shards  # columns held on this device
     per_device = lambda f: self.scaled(f) // self.column_shards
     c1, c2, c3, c4, c5 = (per_device(f) for f in arch.conv_features)
+    if self.activation not in ACTIVATIONS:
+      raise ValueError(f'model.activation must be one of {sorted(ACTIVATIONS)}'
+                       f', got {self.activation!r}')
+    act = ACTIVATIONS[self.activation]
 
     x = images.astype(self.dtype)
-    x = nn.relu(self._conv(x, 'conv1', c1, 11, arch.conv1_padding, stride=4))
+    x = act(self._conv(x, 'conv1', c1, 11, arch.conv1_padding, stride=4))
     if use_lrn:
       x = self._lrn(x, columns)
     x = self._pool(x)
-    x = nn.relu(self._conv(x, 'conv2', c2, 5, 2, groups=columns))
+    x = act(self._conv(x, 'conv2', c2, 5, 2, groups=columns))
     if use_lrn:
       x = self._lrn(x, columns)
     x = self._pool(x)
     x = self._gather_columns(x)
-    x = nn.relu(self._conv(x, 'conv3', c3, 3, 1))
-    x = nn.relu(self._conv(x, 'conv4', c4, 3, 1, groups=columns))
-    x = nn.relu(self._conv(x, 'conv5', c5, 3, 1, groups=columns))
+    x = act(self._conv(x, 'conv3', c3, 3, 1))
+    x = act(self._conv(x, 'conv4', c4, 3, 1, groups=columns))
+    x = act(self._conv(x, 'conv5', c5, 3, 1, groups=columns))
     x = self._pool(x)
     # Gather channels before flattening, so fc6's weight rows keep the global
     # (height, width, channel) order of the single-device model.
@@ -266,10 +285,10 @@ class AlexNet(nn.Module):
       x = lax.all_gather(x, self.batch_axis, axis=0, tiled=True)
 
     fc = self.scaled(arch.fc_features) // self.fc_shards
-    x = nn.relu(self._dense(x, 'fc6', fc))
+    x = act(self._dense(x, 'fc6', fc))
     x = self._dropout(x, train)
     x = self._gather_neurons(x)
-    x = nn.relu(self._dense(x, 'fc7', fc))
+    x = act(self._dense(x, 'fc7', fc))
     if not before:
       x = self._dropout(x, train)
     # A replicated fc8 computes the same logits on every device: its input is
@@ -288,6 +307,22 @@ class AlexNet(nn.Module):
       x = lax.dynamic_slice_in_dim(x, index * local_batch, local_batch, axis=0)
     # Logits for the softmax in at least float32, whatever the compute dtype.
     return x.astype(jnp.promote_types(self.dtype, jnp.float32))
+
+
+def hidden_features(model: AlexNet, params, images: jax.Array,
+                    layer: str = 'fc7') -> jax.Array:
+  """A layer's activations after its non-linearity, in test mode, on one
+  device: fc7's are the 4096-d vectors whose Euclidean distances find the
+  neighbours of Figure 4 (section 6.1)."""
+  if layer not in CONV_LAYERS + FC_LAYERS[:2]:
+    raise ValueError(f'layer must be one of {CONV_LAYERS + FC_LAYERS[:2]}, '
+                     f'got {layer!r}')
+  _, state = model.apply(
+      {'params': params}, images, train=False, mutable=['intermediates'],
+      capture_intermediates=lambda m, method: (m.name == layer
+                                               and method == '__call__'))
+  (outputs,) = state['intermediates'][layer]['__call__']
+  return ACTIVATIONS[model.activation](outputs)
 
 
 def count_params(params) -> int:

@@ -19,6 +19,11 @@ def _kernels_only(params):
       lambda path, _: path[-1].key == 'kernel', params)
 
 
+def _head_or_frozen(params):
+  return jax.tree_util.tree_map_with_path(
+      lambda path, _: 'train' if path[0].key == 'fc8' else 'frozen', params)
+
+
 def make_optimizer(config) -> optax.GradientTransformation:
   """SGD with momentum and weight decay.
 
@@ -26,6 +31,10 @@ def make_optimizer(config) -> optax.GradientTransformation:
   paper writes it: v <- m*v - wd*lr*w - lr*grad; w <- w + v. 'torch' keeps the
   velocity free of it (v <- m*v + grad + wd*w; w <- w - lr*v), as PyTorch and
   optax.sgd do. They differ only just after a learning-rate drop.
+
+  With `config.trainable='head'` only fc8 is updated (a new classifier on
+  fixed features): the other layers' updates are zero whatever their
+  gradients, so XLA can drop the backward pass below fc8.
   """
   o = config.optimizer
   mask = None if o.decay_biases else _kernels_only
@@ -37,6 +46,12 @@ def make_optimizer(config) -> optax.GradientTransformation:
                          optax.trace(decay=o.momentum))
     return optax.chain(decay, optax.trace(decay=o.momentum),
                        optax.scale_by_learning_rate(learning_rate))
+
+  if config.get('trainable', 'all') == 'head':
+    sgd_all = sgd
+    sgd = lambda learning_rate: optax.multi_transform(
+        {'train': sgd_all(learning_rate), 'frozen': optax.set_to_zero()},
+        _head_or_frozen)
 
   return optax.inject_hyperparams(sgd)(learning_rate=o.learning_rate)
 

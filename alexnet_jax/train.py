@@ -23,8 +23,10 @@ from absl import logging
 from jax.experimental import multihost_utils
 from jax.sharding import PartitionSpec as P
 
+# `runs` reads other runs' directories with this module's state builders;
+# the two import each other and use each other only inside functions.
 from alexnet_jax import (checkpointing, data, metrics_io, models, optim,
-                         parallel, validation)
+                         parallel, runs, validation)
 
 State = dict[str, Any]
 
@@ -43,7 +45,9 @@ def create_model(config) -> models.AlexNet:
       use_lrn={'default': None, 'on': True, 'off': False}[m.lrn],
       lrn_n=m.lrn_n, lrn_k=m.lrn_k, lrn_alpha=m.lrn_alpha,
       lrn_beta=m.lrn_beta, pool_window=m.pool_window,
-      pool_stride=m.pool_stride, init_scheme=m.init_scheme)
+      pool_stride=m.pool_stride, init_scheme=m.init_scheme,
+      # Absent from the config.json of runs older than the field.
+      activation=m.get('activation', 'relu'))
 
 
 def select_devices(config) -> list:
@@ -83,16 +87,43 @@ def create_train_state(model: models.AlexNet, tx, scheme: parallel.Scheme,
   params = jax.jit(init, out_shardings=param_shardings)()
   opt_shapes = jax.eval_shape(tx.init, params)
   replicated = scheme.sharding(P())
-  opt_shardings = optax.tree_map_params(
-      tx, lambda _, s: s, opt_shapes, param_shardings,
-      transform_non_params=lambda _: replicated,
-      is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))
+  opt_shardings = _opt_shardings(opt_shapes, params, param_shardings,
+                                 replicated)
   opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(params)
   state = {'step': jax.device_put(jnp.zeros((), jnp.int32), replicated),
            'params': params, 'opt_state': opt_state}
   shardings = {'step': replicated, 'params': param_shardings,
                'opt_state': opt_shardings}
   return state, shardings
+
+
+def _opt_shardings(opt_shapes, params, param_shardings, replicated):
+  """The optimizer state's shardings: a per-parameter buffer (momentum) is
+  sharded like its parameter, anything else (the step count, the learning
+  rate) replicated.
+
+  A buffer is recognised by its path ending in the parameter's (layer, name)
+  and by its shape. optax.tree_map_params would do this from the state's
+  structure, but not across multi_transform's masked (frozen) branches.
+  """
+  by_name = {}
+  for path, sharding in jax.tree_util.tree_flatten_with_path(
+      param_shardings)[0]:
+    key = tuple(k.key for k in path)
+    by_name[key] = (sharding, _get(params, key).shape)
+
+  def choose(path, leaf):
+    key = tuple(getattr(k, 'key', None) for k in path[-2:])
+    sharding, shape = by_name.get(key, (None, None))
+    return sharding if shape == leaf.shape else replicated
+
+  return jax.tree_util.tree_map_with_path(choose, opt_shapes)
+
+
+def _get(tree, key):
+  for k in key:
+    tree = tree[k]
+  return tree
 
 
 def _metrics(logits, labels, weights):
@@ -350,12 +381,17 @@ def _train_and_evaluate(config, workdir: str) -> dict:
   if found is not None:
     latest, (state, schedule, meta) = found
     logging.info('Resuming at step %d', latest)
+  elif config.get('init_from') is not None:
+    state['params'], fresh = runs.start_from(
+        config.init_from, state['params'], shardings['params'])
+    logging.info('Starting from the parameters of %s%s', config.init_from,
+                 f' except {", ".join(fresh)} (initialised afresh)'
+                 if fresh else '')
   start_step = int(jax.device_get(state['step']))
   writer = metrics_io.MetricWriter(workdir, resume_step=start_step)
   if jax.process_index() == 0:
-    # The run's config, for `alexnet_jax.evaluate` and for the record.
-    with open(os.path.join(workdir, 'config.json'), 'w') as f:
-      f.write(config.to_json_best_effort(indent=1))
+    # The run's config, for `evaluate`, `predict`, fine-tuning and the record.
+    runs.write_config(workdir, config)
 
   lr_multipliers = None
   if config.optimizer.batch_scaling != 'none':

@@ -6,10 +6,12 @@ fails in a second instead of after a compilation or an hour of training.
 
 from __future__ import annotations
 
-from alexnet_jax import data, models, parallel
+from alexnet_jax import augment, data, models, parallel
 
 # float64 (parameters too) is for comparing schemes free of round-off.
 DTYPES = ('float32', 'bfloat16', 'float64')
+# 'head': only fc8 learns (a new classifier on fixed features).
+TRAINABLE = ('all', 'head')
 
 
 class ConfigError(ValueError):
@@ -65,6 +67,9 @@ def check_config(config) -> None:
   _choice(config, 'model.dtype', DTYPES)
   _choice(config, 'model.lrn', ('default', 'on', 'off'))
   _choice(config, 'model.init_scheme', ('paper', 'he'))
+  _choice(config, 'model.activation', models.ACTIVATIONS)
+  _choice(config, 'input.normalization', augment.NORMALIZATIONS)
+  _choice(config, 'trainable', TRAINABLE)
   _choice(config, 'dataset', data.DATASETS)
   _choice(config, 'parallelism', parallel.SCHEMES)
   _choice(config, 'optimizer.schedule', ('plateau', 'step', 'constant'))
@@ -77,9 +82,14 @@ def check_config(config) -> None:
     value = _value(config, field)
     _require(isinstance(value, bool),
              f'config.{field}={value!r} must be True or False')
-  _require(config.store_dir is None or isinstance(config.store_dir, str),
-           f'config.store_dir={config.store_dir!r} must be a directory (a '
-           'string)')
+  for field in ('store_dir', 'init_from'):
+    value = config[field]
+    _require(value is None or (isinstance(value, str) and value != ''),
+             f'config.{field}={value!r} must be a directory (a string)')
+  _require(config.trainable == 'all' or config.init_from is not None,
+           f'config.trainable={config.trainable!r} trains a new head on '
+           'parameters that come from somewhere: set config.init_from to the '
+           'workdir of a trained or converted run')
   shape = config.mesh_shape
   _require(isinstance(shape, (tuple, list)) and len(shape) in (0, 2)
            and all(isinstance(s, int) and not isinstance(s, bool)

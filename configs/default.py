@@ -19,7 +19,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
 
   c.model = ml_collections.ConfigDict()
-  c.model.variant = 'original'        # 'original' (2012) or 'owt' (2014)
+  c.model.variant = 'original'        # 'original' (2012), 'owt' (2014), 'one_column'
   c.model.num_classes = 1000
   c.model.dropout_rate = 0.5
   c.model.dtype = 'float32'           # compute: float32, bfloat16 or float64
@@ -32,6 +32,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model.pool_window = 3             # 3/2: overlapping pooling (section 3.4)
   c.model.pool_stride = 2
   c.model.init_scheme = 'paper'       # 'paper' or 'he'
+  c.model.activation = 'relu'         # 'relu' (section 3.1) or 'tanh'
 
   c.dataset = 'imagenet2012'          # 'imagenet2012', 'folder', 'digits', 'synthetic'
   # The prepared 256x256 store (python -m alexnet_jax.prepare --out=...).
@@ -40,6 +41,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.input.lighting_sigma = 0.1        # PCA lighting (section 4.1); 0 turns it off
   c.input.workers = -1                # decoding threads; -1: one per CPU core
   c.input.processes = 0               # worker processes sharing them; 0: none
+  # 'mean_image': subtract the store's per-pixel mean (section 2);
+  # 'imagenet_mean_std': torchvision's per-channel mean and std, which its
+  # published weights (python -m alexnet_jax.convert) expect.
+  c.input.normalization = 'mean_image'
   c.ten_crop_eval = False             # the paper's 10 patches (section 4.1)
   c.image_size = -1                   # -1: the variant's (227 or 224)
   c.synthetic = ml_collections.ConfigDict()
@@ -51,6 +56,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.num_epochs = 90
   c.num_train_steps = -1              # -1: num_epochs of the dataset
   c.seed = 0
+  # Fine-tuning: the workdir of a trained or converted run whose parameters
+  # start this one (layers whose shape differs, the new classifier fc8, start
+  # from their initialisation), and which layers train: 'all' or 'head' (fc8).
+  c.init_from = ml_collections.FieldReference(None, field_type=str)
+  c.trainable = 'all'
 
   c.optimizer = ml_collections.ConfigDict()
   c.optimizer.learning_rate = 0.01

@@ -65,6 +65,12 @@ IMPOSSIBLE = {
     'model.pool_window': (0,),
     'model.pool_stride': (0,),
     'model.init_scheme': ('xavier',),
+    'model.activation': ('sigmoid',),
+    'input.normalization': ('per_pixel',),
+    # 'head' needs init_from: a new classifier on nothing trained.
+    'trainable': ('conv', 'head'),
+    'init_from': ('',),
+    'store_dir': ('',),
     'dataset': ('cifar10',),
     'input.lighting_sigma': (-0.1,),
     'input.workers': (0, -2),
@@ -105,7 +111,6 @@ IMPOSSIBLE = {
 
 # Fields whose every value of the right type is usable (or checked elsewhere).
 NOTHING_IMPOSSIBLE = {
-    'store_dir': 'any path; store.check_store says at start what is missing',
     'ten_crop_eval': 'a bool',
     'optimizer.decay_biases': 'a bool',
 }
