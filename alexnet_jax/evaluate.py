@@ -17,7 +17,6 @@ import os
 import sys
 
 import jax
-import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
 

@@ -10,7 +10,6 @@ the notebooks and the tests.
 from __future__ import annotations
 
 import math
-import os
 import signal
 import time
 from typing import Any
