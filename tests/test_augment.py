@@ -181,3 +181,25 @@ def test_eval_example_is_the_centre_or_the_ten_patches_of_the_difference():
   np.testing.assert_array_equal(
       augment.eval_example(image, mean_image, 227, ten=True),
       augment.ten_crop(difference, 227))
+
+
+def test_imagenet_mean_std_is_torchvisions_normalisation():
+  # (pixel / 255 - mean) / std per channel, as torchvision's weights expect,
+  # from the 0..255 pipeline: subtract the returned image, then scale.
+  rng = np.random.default_rng(3)
+  image = rng.integers(0, 256, (16, 16, 3)).astype(np.uint8)
+  mean_image, scale = augment.normalization(
+      'imagenet_mean_std', np.zeros((16, 16, 3), np.float32))
+  got = augment.eval_example(image, mean_image, 8) * scale
+  centre = image[4:12, 4:12].astype(np.float64) / 255.0
+  want = ((centre - np.array(augment.IMAGENET_MEAN_RGB))
+          / np.array(augment.IMAGENET_STD_RGB))
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_mean_image_normalisation_has_no_scale():
+  mean = np.full((4, 4, 3), 7.0, np.float32)
+  got_mean, scale = augment.normalization('mean_image', mean)
+  assert got_mean is mean and scale is None
+  with pytest.raises(ValueError, match='normalization'):
+    augment.normalization('per_pixel', mean)

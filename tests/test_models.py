@@ -42,10 +42,24 @@ OWT_PARAMS = {
     'fc8': 4096 * 1000 + 1000,
 }
 
+# The paper's one-column comparison (section 3.5, footnote 2): half the
+# kernels of conv1-conv4, conv5 and the FC layers as in the two-column net.
+ONE_COLUMN_PARAMS = {
+    'conv1': 11 * 11 * 3 * 48 + 48,
+    'conv2': 5 * 5 * 48 * 128 + 128,
+    'conv3': 3 * 3 * 128 * 192 + 192,
+    'conv4': 3 * 3 * 192 * 192 + 192,
+    'conv5': 3 * 3 * 192 * 256 + 256,
+    'fc6': 6 * 6 * 256 * 4096 + 4096,
+    'fc7': 4096 * 4096 + 4096,
+    'fc8': 4096 * 1000 + 1000,
+}
+
 
 @pytest.mark.parametrize('variant, image_size, total, per_layer', [
     ('original', 227, 60_965_224, ORIGINAL_PARAMS),
     ('owt', 224, 61_100_840, OWT_PARAMS),
+    ('one_column', 227, 59_798_312, ONE_COLUMN_PARAMS),
 ])
 def test_parameter_counts(variant, image_size, total, per_layer):
   params = _abstract_params(models.AlexNet(variant=variant), image_size)
@@ -354,3 +368,54 @@ def test_dropout_position_by_behaviour(variant):
   want = b8 if variant == 'original' else constant
   np.testing.assert_allclose(logits, np.broadcast_to(want, logits.shape),
                              rtol=1e-5, atol=1e-6)
+
+
+def _small_input(seed=5, batch=2):
+  return jnp.asarray(np.random.default_rng(seed).standard_normal(
+      (batch, SMALL_SIZE, SMALL_SIZE, 3)), jnp.float32)
+
+
+def test_fc7_features_feed_fc8(small_original):
+  # In test mode the logits are fc8 applied to fc7's activations, so the
+  # features Figure 4 compares are exactly what the classifier sees.
+  model, params = small_original
+  images = _small_input()
+  features = models.hidden_features(model, params, images, 'fc7')
+  assert features.shape == (2, 1024)
+  assert float(jnp.min(features)) >= 0.0  # after the ReLU
+  logits = model.apply({'params': params}, images, train=False)
+  np.testing.assert_allclose(
+      features @ params['fc8']['kernel'] + params['fc8']['bias'], logits,
+      rtol=1e-5, atol=1e-5)
+
+
+def test_hidden_features_refuses_other_layers(small_original):
+  model, params = small_original
+  with pytest.raises(ValueError, match='fc8'):
+    models.hidden_features(model, params, _small_input(), 'fc8')
+
+
+def test_tanh_network_saturates_and_differs_from_relu(small_original):
+  relu_model, params = small_original
+  tanh_model = relu_model.clone(activation='tanh')
+  images = 100.0 * _small_input()
+  features = models.hidden_features(tanh_model, params, images, 'fc7')
+  # Bounded by tanh (the paper's initialisation puts fc7's bias at 1, so
+  # these sit near tanh(1) rather than around 0).
+  assert float(jnp.max(jnp.abs(features))) <= 1.0
+  assert not np.allclose(features, models.hidden_features(
+      relu_model, params, images, 'fc7'))
+  np.testing.assert_allclose(
+      features @ params['fc8']['kernel'] + params['fc8']['bias'],
+      tanh_model.apply({'params': params}, images, train=False),
+      rtol=1e-5, atol=1e-5)
+  assert not np.allclose(
+      tanh_model.apply({'params': params}, images, train=False),
+      relu_model.apply({'params': params}, images, train=False))
+
+
+def test_unknown_activation_is_refused(small_original):
+  model, params = small_original
+  with pytest.raises(ValueError, match='activation'):
+    model.clone(activation='sigmoid').apply({'params': params},
+                                            _small_input(), train=False)

@@ -305,3 +305,17 @@ def test_sqrt_multiplier_for_uneven_ratio():
   for value in jax.tree.leaves(optim.layer_lr_multipliers(config,
                                                           _all_layers())):
     assert float(value) == pytest.approx(math.sqrt(3))
+
+
+def test_head_only_training_moves_fc8_alone():
+  # trainable='head': fc8 follows the paper's update exactly, every other
+  # layer stays where it started (a new classifier on fixed features).
+  config = _config(momentum_convention='paper')
+  config.trainable = 'head'
+  got = _run_optimizer(config, LRS)
+  want = _by_hand(LRS, convention='paper')
+  start = _params()
+  for g, w in zip(got, want):
+    _assert_tree_close(g['fc8'], w['fc8'], rtol=1e-5, atol=1e-7)
+    for name, value in g['conv1'].items():
+      np.testing.assert_array_equal(value, start['conv1'][name])

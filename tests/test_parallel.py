@@ -435,3 +435,26 @@ def test_loss_curve_is_the_same_under_every_scheme():
           f'{want:.6g}')
     worst = max(abs(a - b) / abs(b) for a, b in zip(curve, expected))
     assert worst < 1e-10, (parallelism, worst)
+
+
+@pytest.mark.parametrize('parallelism', ['two_column', 'weird_trick'])
+def test_head_only_momentum_lives_with_fc8(parallelism):
+  # trainable='head' keeps momentum for fc8 alone (the frozen branch holds
+  # none), sharded as fc8 is: the state layout of a fine-tuning run.
+  config = default.get_config('synthetic')
+  config.trainable = 'head'
+  config.init_from = '/unused'
+  config.model.num_classes = 16  # splits over 4 devices
+  scheme = parallel.make_scheme(parallelism, jax.devices()[:4])
+  model = train.create_model(config)
+  state, shardings = train.create_train_state(
+      model, optim.make_optimizer(config), scheme, IMAGE_SIZE, 0)
+  traces = [(path, leaf) for path, leaf in
+            jax.tree_util.tree_flatten_with_path(state['opt_state'])[0]
+            if 'trace' in jax.tree_util.keystr(path)]
+  assert sorted(p[-2].key + '/' + p[-1].key for p, _ in traces) == [
+      'fc8/bias', 'fc8/kernel']
+  for path, trace in traces:
+    param = state['params']['fc8'][path[-1].key]
+    assert trace.sharding.spec == param.sharding.spec, path
+    assert not param.sharding.is_fully_replicated
