@@ -152,6 +152,8 @@ class AlexNet(nn.Module):
     width: multiplies every conv and FC width (CPU-sized runs use 0.25).
     use_lrn: None keeps the variant's default (on for 'original').
     lrn_n, lrn_k, lrn_alpha, lrn_beta: the paper's LRN constants.
+    lrn_across_columns: one LRN window over both columns' maps, as Caffe's
+      bvlc_alexnet has it; the paper's columns normalise their own maps.
     pool_window, pool_stride: 3/2 is the paper's overlapping pooling.
     init_scheme: 'paper' (N(0, 0.01), biases 1 in conv2/4/5, fc6/7) or 'he'.
     activation: 'relu' (section 3.1) or 'tanh' (Figure 1's comparison).
@@ -177,6 +179,7 @@ class AlexNet(nn.Module):
   lrn_k: float = 2.0
   lrn_alpha: float = 1e-4
   lrn_beta: float = 0.75
+  lrn_across_columns: bool = False
   pool_window: int = 3
   pool_stride: int = 2
   init_scheme: str = 'paper'
@@ -219,6 +222,8 @@ class AlexNet(nn.Module):
     return nn.max_pool(x, (self.pool_window,) * 2, (self.pool_stride,) * 2)
 
   def _lrn(self, x, columns):
+    if self.lrn_across_columns:
+      columns = 1
     return grouped_lrn(x, columns, n=self.lrn_n, k=self.lrn_k,
                        alpha=self.lrn_alpha, beta=self.lrn_beta)
 

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from alexnet_jax import checkpointing, optim, parallel, train, validation
+from alexnet_jax import checkpointing, optim, train, validation
 
 CONFIG_FILE = 'config.json'
 
@@ -104,7 +104,8 @@ def write(workdir: str, config, params) -> None:
   Refuses a workdir that already holds checkpoints rather than mixing them.
   """
   validation.check_config(config)
-  expected = abstract_state(config)['params']
+  with _x64(config):
+    expected = abstract_state(config)['params']
   problems = _mismatches(expected, params)
   if problems:
     raise ValueError('The parameters do not fit the config: '
@@ -116,15 +117,12 @@ def write(workdir: str, config, params) -> None:
       raise FileExistsError(
           f'{ckpt.directory} already holds checkpoints {ckpt.all_steps()}; '
           'choose an empty --workdir.')
-    scheme = parallel.make_scheme('none', jax.local_devices()[:1])
     with _x64(config):
-      state, shardings = train.create_train_state(
-          train.create_model(config), optim.make_optimizer(config), scheme,
-          validation.image_size(config), config.seed)
-      state['params'] = jax.tree.map(
-          lambda value, like, sharding: jax.device_put(
-              np.asarray(value, like.dtype), sharding),
-          params, state['params'], shardings['params'])
+      # On the default device; a run restores onto any mesh.
+      params = jax.tree.map(lambda value, like: jnp.asarray(value, like.dtype),
+                            params, expected)
+      state = {'step': jnp.zeros((), jnp.int32), 'params': params,
+               'opt_state': optim.make_optimizer(config).init(params)}
       ckpt.save(0, state, optim.init_schedule_state(config),
                 {'step': 0, 'eval': None}, force=True)
       ckpt.wait()
@@ -156,6 +154,11 @@ def start_from(workdir: str, params, shardings) -> tuple[dict, list[str]]:
   any other difference means the config does not describe the network the run
   trained, which is an error.
   """
+  if not os.path.isfile(os.path.join(workdir, CONFIG_FILE)):
+    raise FileNotFoundError(
+        f'config.init_from={workdir!r} is not a run: it has no {CONFIG_FILE}. '
+        'Give the --workdir of a trained run, or one that '
+        '`python -m alexnet_jax.convert` wrote.')
   source = restore(workdir)
   out, fresh = {}, []
   for layer, leaves in params.items():

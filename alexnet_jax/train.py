@@ -43,7 +43,9 @@ def create_model(config) -> models.AlexNet:
       width=m.width,
       use_lrn={'default': None, 'on': True, 'off': False}[m.lrn],
       lrn_n=m.lrn_n, lrn_k=m.lrn_k, lrn_alpha=m.lrn_alpha,
-      lrn_beta=m.lrn_beta, pool_window=m.pool_window,
+      lrn_beta=m.lrn_beta,
+      lrn_across_columns=m.get('lrn_across_columns', False),
+      pool_window=m.pool_window,
       pool_stride=m.pool_stride, init_scheme=m.init_scheme,
       # Absent from the config.json of runs older than the field.
       activation=m.get('activation', 'relu'))

@@ -78,7 +78,8 @@ def check_config(config) -> None:
   # Compared below: a string or None would raise TypeError there.
   _number(config, 'model.dropout_rate')
   _number(config, 'optimizer.plateau_factor')
-  for field in ('ten_crop_eval', 'optimizer.decay_biases'):
+  for field in ('ten_crop_eval', 'optimizer.decay_biases',
+                'model.lrn_across_columns'):
     value = _value(config, field)
     _require(isinstance(value, bool),
              f'config.{field}={value!r} must be True or False')
@@ -149,6 +150,9 @@ def check_config(config) -> None:
     _require(m.variant == 'original',
              "config.parallelism='two_column' splits the two columns of the "
              f"'original' network; config.model.variant={m.variant!r} has one")
+    _require(not m.lrn_across_columns,
+             'config.model.lrn_across_columns=True needs both columns\' maps '
+             "in one place; parallelism='two_column' keeps them on two devices")
   column_split = 2 if config.parallelism == 'two_column' else 1
   for name, features in zip(models.CONV_LAYERS, arch.conv_features):
     width = max(1, int(round(features * m.width)))

@@ -29,6 +29,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model.lrn_k = 2.0
   c.model.lrn_alpha = 1e-4
   c.model.lrn_beta = 0.75
+  # One window over both columns' maps (Caffe's bvlc_alexnet); the paper
+  # normalises each column's maps apart.
+  c.model.lrn_across_columns = False
   c.model.pool_window = 3             # 3/2: overlapping pooling (section 3.4)
   c.model.pool_stride = 2
   c.model.init_scheme = 'paper'       # 'paper' or 'he'

@@ -113,6 +113,8 @@ IMPOSSIBLE = {
 NOTHING_IMPOSSIBLE = {
     'ten_crop_eval': 'a bool',
     'optimizer.decay_biases': 'a bool',
+    # True is refused only with parallelism='two_column' (test_validation).
+    'model.lrn_across_columns': 'a bool',
 }
 
 

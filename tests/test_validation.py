@@ -135,6 +135,14 @@ def test_two_column_owt_also_names_the_variant():
                                     **{'model.variant': 'owt'}))
 
 
+def test_lrn_across_columns_needs_both_columns_on_one_device():
+  with pytest.raises(validation.ConfigError,
+                     match='config.model.lrn_across_columns'):
+    validation.check_config(_config(parallelism='two_column',
+                                    **{'model.lrn_across_columns': True}))
+  validation.check_config(_config(**{'model.lrn_across_columns': True}))
+
+
 def test_quarter_width_splits_over_two_columns():
   # 24/64/96/96/64 kernels: four equal parts each.
   validation.check_config(_config(parallelism='two_column'))
