@@ -96,6 +96,8 @@ class Digits(Dataset):
         images, (len(images), image_size, image_size), 'bilinear'))
     train = resized[self.num_eval_examples:]
     mean_image = train.mean(axis=0)
+    # `predict` subtracts it from new images as from these.
+    self.mean_image = mean_image
     self._train_images = (train - mean_image).astype(np.float16)
     self._eval_images = (resized[:self.num_eval_examples] - mean_image
                          ).astype(np.float16)

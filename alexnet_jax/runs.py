@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from absl import logging
 
 from alexnet_jax import checkpointing, optim, train, validation
 
@@ -145,14 +146,25 @@ def _mismatches(expected, params) -> list[str]:
   return problems
 
 
-def start_from(workdir: str, params, shardings) -> tuple[dict, list[str]]:
+# AlexNet fields that change the function a set of parameters computes; the
+# others (classes, dropout, dtype, initialisation) may change when
+# fine-tuning.
+FUNCTION_FIELDS = ('variant', 'width', 'activation', 'use_lrn', 'lrn_n',
+                   'lrn_k', 'lrn_alpha', 'lrn_beta', 'lrn_across_columns',
+                   'pool_window', 'pool_stride')
+
+
+def start_from(workdir: str, config, params, shardings
+               ) -> tuple[dict, list[str]]:
   """`params` (a fresh initialisation) with every layer that `workdir`'s
   latest checkpoint has in the same shapes replaced by that run's values,
   placed with `shardings`; returns them and the layers left fresh.
 
   Only fc8 may be left fresh (a new classifier for another set of classes);
-  any other difference means the config does not describe the network the run
-  trained, which is an error.
+  any other difference, or a model field of FUNCTION_FIELDS that differs,
+  means `config` does not describe the network the run trained: an error. A
+  different input normalisation is allowed (another dataset may need its
+  own) but logged, since the parameters expect theirs.
   """
   if not os.path.isfile(os.path.join(workdir, CONFIG_FILE)):
     raise FileNotFoundError(
@@ -160,6 +172,23 @@ def start_from(workdir: str, params, shardings) -> tuple[dict, list[str]]:
         'Give the --workdir of a trained run, or one that '
         '`python -m alexnet_jax.convert` wrote.')
   source = restore(workdir)
+  theirs, ours = source.model(), train.create_model(config)
+  differ = [f for f in FUNCTION_FIELDS
+            if getattr(theirs, f) != getattr(ours, f)]
+  if differ:
+    raise validation.ConfigError(
+        f'config.init_from={workdir!r} holds a network with ' + ', '.join(
+            f'{f}={getattr(theirs, f)!r}' for f in differ)
+        + ', this config one with ' + ', '.join(
+            f'{f}={getattr(ours, f)!r}' for f in differ)
+        + ': set the config.model fields as that run has them (its '
+        'config.json).')
+  theirs_norm = source.config.get('input', {}).get('normalization',
+                                                   'mean_image')
+  if theirs_norm != config.input.normalization:
+    logging.warning(
+        'config.init_from=%r was trained with input.normalization=%r; this '
+        'run uses %r.', workdir, theirs_norm, config.input.normalization)
   out, fresh = {}, []
   for layer, leaves in params.items():
     theirs = source.params.get(layer)

@@ -383,8 +383,12 @@ def _train_and_evaluate(config, workdir: str) -> dict:
     latest, (state, schedule, meta) = found
     logging.info('Resuming at step %d', latest)
   elif config.get('init_from') is not None:
-    state['params'], fresh = runs.start_from(
-        config.init_from, state['params'], shardings['params'])
+    try:
+      state['params'], fresh = runs.start_from(
+          config.init_from, config, state['params'], shardings['params'])
+    except BaseException:
+      ckpt.close()
+      raise
     logging.info('Starting from the parameters of %s%s', config.init_from,
                  f' except {", ".join(fresh)} (initialised afresh)'
                  if fresh else '')
