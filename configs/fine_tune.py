@@ -25,8 +25,10 @@ fine-tunes every layer instead, from the same start; the lower rate keeps the
 converted features from being overwritten by the new head's early gradients.
 Another run (one of configs/one_weird_trick.py, say) starts it the same way
 given the --config.model fields and --config.input.normalization of its
-config.json ('mean_image' for runs trained here): only the parameters' shapes
-are checked, so another normalisation or LRN constant would go unnoticed.
+config.json ('mean_image' for runs trained here): a model field that differs
+from the run's (variant, width, activation, LRN, pooling) stops the run before
+training with both values named; another normalisation is allowed, with a
+warning, since another dataset may need its own.
 Running the same command again resumes from /tmp/fine_tuned's own
 checkpoints, not from --config.init_from.
 """
