@@ -43,6 +43,7 @@ def evaluate_checkpoint(config, workdir: str, *, ten_crop: bool = False,
                         step: int | None = None) -> dict:
   """{'step', 'patches', 'loss', 'top1', 'top5'} of a checkpoint in `workdir`
   on the validation split of `config.store_dir`; top-k as fractions."""
+  config = config.copy_and_resolve_references()  # the caller's stays as it is
   validation.check_config(config)
   with jax.enable_x64(config.model.dtype == 'float64'):
     return _evaluate_checkpoint(config, workdir, ten_crop, step)

@@ -43,7 +43,23 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
         'pass --config=the config file the run was trained with (and its '
         '--config.FIELD overrides).')
   with open(path) as f:
-    return ml_collections.ConfigDict(json.load(f))
+    saved = json.load(f)
+  # A field added since the run was written keeps its default value.
+  from configs import default  # beside the package, as the config files are
+  config = default.get_config()
+  _overlay(config, saved)
+  return config
+
+
+def _overlay(config: ml_collections.ConfigDict, saved: dict) -> None:
+  for key, value in saved.items():
+    if isinstance(value, dict) and isinstance(config.get(key),
+                                              ml_collections.ConfigDict):
+      _overlay(config[key], value)
+    elif key in config and config.get_ref(key).get_type() is tuple:
+      config[key] = tuple(value)  # JSON has no tuples
+    else:
+      config[key] = value
 
 
 def write_config(workdir: str, config) -> None:
@@ -73,15 +89,20 @@ def restore(workdir: str, *, config=None, step: int | None = None) -> Run:
   """The parameters of a checkpoint in `workdir` (default: the latest) as
   NumPy arrays, with the run's config (or `config`).
 
-  Read into host memory whatever the mesh the run trained on, so any scheme,
-  device count or process count can use them.
+  Read through one device into host memory whatever the mesh the run trained
+  on, so any scheme, device count or process count can use them.
   """
   config = config or load_config(workdir)
   if not os.path.isdir(os.path.join(workdir, 'checkpoints')):
     raise FileNotFoundError(f'No checkpoints in {workdir}.')
   validation.check_config(config)
   with _x64(config):
-    target = abstract_state(config)
+    # Onto this process's first device: a checkpoint remembers the devices
+    # it was written from, which need not exist here.
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    target = jax.tree.map(
+        lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device),
+        abstract_state(config))
     ckpt = checkpointing.Checkpointer(workdir, max_to_keep=1 << 30,
                                       every_steps=1)
     try:
@@ -91,7 +112,6 @@ def restore(workdir: str, *, config=None, step: int | None = None) -> Run:
         raise FileNotFoundError(
             f'No checkpoint {"" if step is None else step} in '
             f'{ckpt.directory}; it has {steps}.')
-      # Shapes without a sharding: orbax returns NumPy arrays.
       state, _, _ = ckpt.restore(step, target, optim.init_schedule_state(config))
     finally:
       ckpt.close()

@@ -35,8 +35,10 @@ def cpu_devices_needed(config) -> int:
 def setup(config, *, num_cpu_devices: int | None = None) -> None:
   import jax
   needed = num_cpu_devices or cpu_devices_needed(config)
-  explicit = _COORDINATOR.value is not None
-  distributed = explicit or _DISTRIBUTED.value
+  # Called from Python (a notebook) no command line was parsed: one process.
+  parsed = flags.FLAGS.is_parsed()
+  explicit = parsed and _COORDINATOR.value is not None
+  distributed = explicit or (parsed and _DISTRIBUTED.value)
   if needed > 1:
     # Only the CPU backend reads this: on a GPU machine it changes nothing.
     processes = (_NUM_PROCESSES.value or 1) if explicit else 1
