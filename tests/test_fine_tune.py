@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import overrides as overrides_lib
 from alexnet_jax import metrics_io, models, prepare, runs, train, validation
 from configs import default, fine_tune
 from test_predict import paper_params
@@ -116,13 +117,7 @@ def _config(store_dir, init_from, **fields):
   config.batch_size = config.eval_batch_size = 6
   config.num_train_steps = TRAIN_STEPS
   config.num_devices = 1
-  for field, value in fields.items():
-    node = config
-    *parents, leaf = field.split('__')
-    for part in parents:
-      node = node[part]
-    node[leaf] = value
-  return config
+  return overrides_lib.set_fields(config, fields)
 
 
 def test_config_is_head_only_from_a_checkpoint():
@@ -181,9 +176,9 @@ def test_trainable_all_changes_every_layer(folder, source, tmp_path):
 
 @pytest.mark.parametrize('field, value, message', [
     # A model field that the source was trained with, named with both values.
-    ('model__width', 0.5, 'width=0.25.*width=0.5'),
-    ('model__activation', 'tanh', "activation='relu'.*activation='tanh'"),
-    ('model__lrn', 'on', 'use_lrn=None.*use_lrn=True'),
+    ('model.width', 0.5, 'width=0.25.*width=0.5'),
+    ('model.activation', 'tanh', "activation='relu'.*activation='tanh'"),
+    ('model.lrn', 'on', 'use_lrn=None.*use_lrn=True'),
     # Another input size: fc6 sees another number of inputs.
     ('image_size', IMAGE_SIZE + 32, 'layer fc6'),
 ])

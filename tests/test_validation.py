@@ -6,20 +6,14 @@ import time
 import jax
 import pytest
 
+import overrides as overrides_lib
 from alexnet_jax import data, parallel, train, validation
 from configs import default, one_gpu, one_weird_trick, two_gpu
 
 
 def _config(**overrides):
   """The synthetic smoke-test config with dotted-path overrides."""
-  config = default.get_config('synthetic')
-  for path, value in overrides.items():
-    node = config
-    *parents, leaf = path.split('.')
-    for part in parents:
-      node = node[part]
-    node[leaf] = value
-  return config
+  return overrides_lib.set_fields(default.get_config('synthetic'), overrides)
 
 
 @pytest.mark.parametrize('module, arg', [
