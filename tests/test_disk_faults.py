@@ -22,6 +22,7 @@ import sys
 import pytest
 from orbax.checkpoint._src.path import async_path
 
+from commands import command_env
 from alexnet_jax import checkpointing, metrics_io, train
 from configs import one_gpu
 
@@ -92,18 +93,11 @@ def _flags(workdir, steps):
           '--config.max_checkpoints_to_keep=1']
 
 
-def _env():
-  env = dict(os.environ, JAX_PLATFORMS='cpu',
-             JAX_DISABLE_MOST_OPTIMIZATIONS='true')
-  env.pop('XLA_FLAGS', None)
-  return env
-
-
 def _run_cli(prelude, workdir, steps):
   """The command line with `prelude` run first; TimeoutExpired if it hangs."""
   return subprocess.run(
       [sys.executable, '-c', prelude + _RUN_MAIN, *_flags(workdir, steps)],
-      cwd=REPO_ROOT, env=_env(), capture_output=True, text=True,
+      cwd=REPO_ROOT, env=command_env(), capture_output=True, text=True,
       timeout=CLI_TIMEOUT)
 
 

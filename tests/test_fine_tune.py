@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 
 import overrides as overrides_lib
+from commands import command_env
 from alexnet_jax import metrics_io, models, prepare, runs, train, validation
 from configs import default, fine_tune
 from test_predict import paper_params
@@ -26,14 +27,9 @@ TRAIN_STEPS = 4
 FEATURE_LAYERS = models.CONV_LAYERS + models.FC_LAYERS[:2]
 
 
-def _env():
-  return dict(os.environ, PYTHONPATH=REPO_ROOT, JAX_PLATFORMS='cpu',
-              JAX_DISABLE_MOST_OPTIMIZATIONS='true')
-
-
 def _run(module, *args):
   return subprocess.run([sys.executable, '-m', module, *args], cwd=REPO_ROOT,
-                        env=_env(), capture_output=True, text=True,
+                        env=command_env(), capture_output=True, text=True,
                         timeout=300)
 
 

@@ -26,6 +26,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+from commands import command_env
+
 import faults
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -52,13 +54,6 @@ def _command(workdir):
           f'--config.checkpoint_every_steps={CHECKPOINT_EVERY}',
           f'--config.eval_every_steps={EVAL_EVERY}',
           f'--config.image_size={IMAGE_SIZE}']
-
-
-def _env():
-  # The same compiler settings as the in-process tests (conftest.py): XLA's
-  # optimisation passes cost more than they save on runs this short.
-  return dict(os.environ, JAX_PLATFORMS='cpu',
-              JAX_DISABLE_MOST_OPTIMIZATIONS='true')
 
 
 def _final_line(result: faults.Result) -> str:
@@ -184,13 +179,13 @@ SCENARIOS = {
 def _reference(workdir, log_dir):
   return faults.run_to_completion(
       _command(workdir), log_prefix=os.path.join(log_dir, 'reference'),
-      cwd=REPO_ROOT, env=_env(), timeout=RUN_TIMEOUT)
+      cwd=REPO_ROOT, env=command_env(), timeout=RUN_TIMEOUT)
 
 
 def _scenario(scenario, workdir, log_dir):
   return faults.kill_and_resume(
       _command(workdir), workdir, scenario.moments, log_dir=log_dir,
-      cwd=REPO_ROOT, env=_env(), timeout=RUN_TIMEOUT)
+      cwd=REPO_ROOT, env=command_env(), timeout=RUN_TIMEOUT)
 
 
 @pytest.fixture(scope='module')

@@ -24,6 +24,7 @@ import time
 
 import pytest
 
+from commands import command_env
 from alexnet_jax import metrics_io
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -49,17 +50,6 @@ LOST_PEER = re.compile(LOST_HEARTBEATS.pattern +
                        r'|Gloo \w+ failed: .*Connection (reset|closed) by peer')
 
 
-def _env():
-  env = dict(os.environ)
-  env['JAX_PLATFORMS'] = 'cpu'
-  # Devices come from the config (runtime.setup); a forced count would clash.
-  env.pop('XLA_FLAGS', None)
-  env.pop('JAX_NUM_CPU_DEVICES', None)
-  # As in conftest: the same function, compiled sooner.
-  env['JAX_DISABLE_MOST_OPTIMIZATIONS'] = 'true'
-  return env
-
-
 def _free_port():
   with socket.socket() as s:
     s.bind(('127.0.0.1', 0))
@@ -77,7 +67,7 @@ def _start_two(workdir, steps, logs):
            f'--coordinator_address=127.0.0.1:{port}', '--num_processes=2',
            f'--process_id={i}', f'--workdir={workdir}', *CONFIG,
            f'--config.num_train_steps={steps}'],
-          cwd=REPO, env=_env(), stdout=out, stderr=subprocess.STDOUT,
+          cwd=REPO, env=command_env(), stdout=out, stderr=subprocess.STDOUT,
           start_new_session=True))
   return procs
 

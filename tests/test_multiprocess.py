@@ -20,6 +20,7 @@ import time
 import numpy as np
 import pytest
 
+from commands import command_env
 from alexnet_jax import metrics_io
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -35,15 +36,8 @@ TWO_COLUMN = ('--config=configs/two_gpu.py:synthetic',
 
 
 def _env():
-  env = dict(os.environ)
-  env['JAX_PLATFORMS'] = 'cpu'
-  # Devices come from the config (runtime.setup); a forced count would clash.
-  env.pop('XLA_FLAGS', None)
-  env.pop('JAX_NUM_CPU_DEVICES', None)
-  # As in conftest: the same function, compiled sooner.
-  env['JAX_DISABLE_MOST_OPTIMIZATIONS'] = 'true'
-  env['PYTHON'] = sys.executable
-  return env
+  # launch/local.sh starts its processes with $PYTHON.
+  return command_env(PYTHON=sys.executable)
 
 
 def _run(command):

@@ -13,6 +13,7 @@ import pytest
 from PIL import Image
 from sklearn import datasets as sk_datasets
 
+from commands import command_env
 from alexnet_jax import data, imagenet, models, predict, prepare, runs, train
 from configs import default, one_weird_trick
 
@@ -24,15 +25,10 @@ NUM_FILES = 4        # validation digits written as files, in each rendering
 DIGIT_NAMES = [str(d) for d in range(10)]
 
 
-def _env():
-  return dict(os.environ, PYTHONPATH=REPO_ROOT, JAX_PLATFORMS='cpu',
-              JAX_DISABLE_MOST_OPTIMIZATIONS='true')
-
-
 def _predict(*args):
   return subprocess.run(
       [sys.executable, '-m', 'alexnet_jax.predict', *args], cwd=REPO_ROOT,
-      env=_env(), capture_output=True, text=True, timeout=300)
+      env=command_env(), capture_output=True, text=True, timeout=300)
 
 
 def _softmax(run, images):

@@ -10,6 +10,7 @@ import jax
 import numpy as np
 import pytest
 
+from commands import command_env
 from alexnet_jax import runs, train
 from configs import default, two_gpu
 
@@ -38,8 +39,7 @@ def test_a_two_device_checkpoint_restores_in_a_one_device_process(
       'assert len(jax.devices()) == 1; '
       f'np.savez({str(out)!r}, **{{"/".join(k.key for k in path): v for '
       'path, v in jax.tree_util.tree_flatten_with_path(run.params)[0]})')
-  env = dict(os.environ, JAX_PLATFORMS='cpu', JAX_NUM_CPU_DEVICES='1',
-             PYTHONPATH=REPO_ROOT)
+  env = command_env(JAX_NUM_CPU_DEVICES='1')
   result = subprocess.run([sys.executable, '-c', script], cwd=REPO_ROOT,
                           env=env, capture_output=True, text=True,
                           timeout=300)

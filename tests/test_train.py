@@ -12,6 +12,7 @@ import time
 import pytest
 
 import overrides as overrides_lib
+from commands import command_env
 from alexnet_jax import metrics_io, train
 from configs import one_gpu
 
@@ -172,19 +173,13 @@ def _cli(workdir, checkpoint_every):
           f'--config.image_size={IMAGE_SIZE}']
 
 
-def _env():
-  # The same compiler settings as the in-process tests (conftest.py).
-  return dict(os.environ, JAX_PLATFORMS='cpu',
-              JAX_DISABLE_MOST_OPTIMIZATIONS='true')
-
-
 def _run(args):
-  return subprocess.run(args, cwd=REPO_ROOT, env=_env(), capture_output=True,
+  return subprocess.run(args, cwd=REPO_ROOT, env=command_env(), capture_output=True,
                         text=True, timeout=300)
 
 
 def _start(args):
-  return subprocess.Popen(args, cwd=REPO_ROOT, env=_env(),
+  return subprocess.Popen(args, cwd=REPO_ROOT, env=command_env(),
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                           text=True)
 
