@@ -17,14 +17,12 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
-import sys
 import time
 
 import pytest
 
-from commands import command_env
+from commands import command_env, start_two_processes
 from alexnet_jax import metrics_io
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -50,26 +48,11 @@ LOST_PEER = re.compile(LOST_HEARTBEATS.pattern +
                        r'|Gloo \w+ failed: .*Connection (reset|closed) by peer')
 
 
-def _free_port():
-  with socket.socket() as s:
-    s.bind(('127.0.0.1', 0))
-    return s.getsockname()[1]
-
-
 def _start_two(workdir, steps, logs):
   """Starts processes 0 and 1 of one run, each in its own process group."""
-  port = _free_port()
-  procs = []
-  for i, log in enumerate(logs):
-    with open(log, 'w') as out:
-      procs.append(subprocess.Popen(
-          [sys.executable, '-m', 'alexnet_jax.main',
-           f'--coordinator_address=127.0.0.1:{port}', '--num_processes=2',
-           f'--process_id={i}', f'--workdir={workdir}', *CONFIG,
-           f'--config.num_train_steps={steps}'],
-          cwd=REPO, env=command_env(), stdout=out, stderr=subprocess.STDOUT,
-          start_new_session=True))
-  return procs
+  return start_two_processes(
+      [f'--workdir={workdir}', *CONFIG, f'--config.num_train_steps={steps}'],
+      logs, command_env())
 
 
 def _kill_all(procs):

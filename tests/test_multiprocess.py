@@ -12,7 +12,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,7 +19,7 @@ import time
 import numpy as np
 import pytest
 
-from commands import command_env
+from commands import command_env, start_two_processes
 from alexnet_jax import metrics_io
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -61,12 +60,6 @@ def _errors(output):
   # The first exception is the cause; the tail often holds only its echoes.
   return ''.join(line + '\n' for line in output.splitlines()
                  if 'Error' in line)
-
-
-def _free_port():
-  with socket.socket() as s:
-    s.bind(('127.0.0.1', 0))
-    return s.getsockname()[1]
 
 
 def _flags(config, workdir, steps):
@@ -151,19 +144,10 @@ def test_sigterm_to_one_process_stops_both_at_one_step(tmp_path):
   # a different step; signalling one process only is the extreme case. A
   # process that saved alone would wait for the others forever.
   workdir = tmp_path / 'preempted'
-  port = _free_port()
   flags = [*_flags(WEIRD_TRICK, workdir, steps=1000),
            '--config.eval_every_steps=1000']
   logs = [tmp_path / f'process_{i}.log' for i in range(2)]
-  procs = []
-  for i, log in enumerate(logs):
-    with open(log, 'w') as out:
-      procs.append(subprocess.Popen(
-          [sys.executable, '-m', 'alexnet_jax.main',
-           f'--coordinator_address=127.0.0.1:{port}', '--num_processes=2',
-           f'--process_id={i}', *flags],
-          cwd=REPO, env=_env(), stdout=out, stderr=subprocess.STDOUT,
-          start_new_session=True))
+  procs = start_two_processes(flags, logs, _env())
   try:
     deadline = time.time() + TIMEOUT_S
     metrics = workdir / 'metrics.jsonl'
