@@ -5,7 +5,7 @@
         --schemes=data,two_column,weird_trick
 
 For every requested scheme the real train step is built as training builds it
-(`train.create_model`, `optim.make_optimizer`, `parallel.make_scheme`,
+(`models.from_config`, `optim.make_optimizer`, `parallel.make_scheme`,
 `train.create_train_state`, `train.make_train_step`), lowered for the config's
 global batch on abstract inputs and compiled; the collectives are then read
 from the compiled program's HLO text (`--hlo=lowered`: from the HLO JAX emits,
@@ -431,7 +431,7 @@ def _lower_train_step(config, scheme_name: str, devices):
   scheme = parallel.make_scheme(scheme_name, devices, tuple(config.mesh_shape))
   validation.check_layout(config, scheme, jax.process_count())
   image_size = validation.image_size(config)
-  model = train.create_model(config)
+  model = models.from_config(config)
   tx = optim.make_optimizer(config)
   state, shardings = _abstract_train_state(model, tx, scheme, image_size,
                                            config.seed)

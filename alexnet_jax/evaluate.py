@@ -20,8 +20,8 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from alexnet_jax import (checkpointing, data, optim, parallel, runs, runtime,
-                         train, validation)
+from alexnet_jax import (checkpointing, data, models, optim, parallel, runs,
+                         runtime, train, validation)
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('workdir', None, 'The training run\'s directory.')
@@ -66,7 +66,7 @@ def _evaluate_checkpoint(config, workdir, ten_crop, step):
   dataset = data.get_dataset(config, image_size)
   validation.check_dataset(config, dataset)
 
-  model = train.create_model(config)
+  model = models.from_config(config)
   tx = optim.make_optimizer(config)
   state, shardings = train.create_train_state(model, tx, scheme, image_size,
                                               config.seed)

@@ -35,7 +35,8 @@ from typing import Iterator
 import numpy as np
 from absl import logging
 
-from alexnet_jax import augment, data, store
+from alexnet_jax import augment, store
+from alexnet_jax.dataset import Batch, Dataset
 
 # Both wrap libjpeg-turbo: on the synthetic store Pillow 13.0 and OpenCV 5.0
 # gave identical pixels at the same speed here, so Pillow, which needs no
@@ -64,7 +65,7 @@ def decode_jpeg_cv2(jpeg: bytes) -> np.ndarray:
 _DECODE = {'pil': decode_jpeg_pil, 'cv2': decode_jpeg_cv2}
 
 
-class PreparedDataset(data.Dataset):
+class PreparedDataset(Dataset):
   """A prepared store's 'train' and 'validation' splits as batches.
 
   Training batches: a random image_size patch of the mean-subtracted image,
@@ -171,7 +172,7 @@ class PreparedDataset(data.Dataset):
   # pipelines below call it once per batch.
 
   def _train_examples(self, indices: np.ndarray, *, seed: int = 0,
-                      epoch: int = 0, shared: bool = False) -> data.Batch:
+                      epoch: int = 0, shared: bool = False) -> Batch:
     size = self.image_size
     images = _empty((len(indices), size, size, 3), shared)
     labels = np.empty(len(indices), np.int32)
@@ -205,7 +206,7 @@ class PreparedDataset(data.Dataset):
     raise ValueError(f'{self.store_dir}: no training record decodes')
 
   def _eval_examples(self, indices: np.ndarray, *,
-                     shared: bool = False) -> data.Batch:
+                     shared: bool = False) -> Batch:
     size = self.image_size
     crops = (10,) if self.ten_crop else ()
     images = _empty((len(indices), *crops, size, size, 3), shared)
@@ -220,7 +221,7 @@ class PreparedDataset(data.Dataset):
   # The grain pipelines.
 
   def _iterate(self, batches, make_batch, batch_bytes: int
-               ) -> Iterator[data.Batch]:
+               ) -> Iterator[Batch]:
     import grain
     make_batch.shared = self.processes > 0
     # Every thread holds a batch and `prefetch` more wait. Ten-patch
@@ -246,7 +247,7 @@ class PreparedDataset(data.Dataset):
 
   def train_batches(self, *, batch_size: int, seed: int, start_step: int = 0,
                     rows: tuple[int, int] | None = None
-                    ) -> Iterator[data.Batch]:
+                    ) -> Iterator[Batch]:
     import grain
     make_batch = _TrainBatch(self, batch_size, seed, rows)
     return self._iterate(grain.MapDataset.range(start_step, sys.maxsize),
@@ -254,7 +255,7 @@ class PreparedDataset(data.Dataset):
 
   def eval_batches(self, *, batch_size: int,
                    rows: tuple[int, int] | None = None
-                   ) -> Iterator[data.Batch]:
+                   ) -> Iterator[Batch]:
     import grain
     count = -(-self.num_eval // batch_size)
     make_batch = _EvalBatch(self, batch_size, rows)
@@ -323,7 +324,7 @@ class _TrainBatch:
         self._orders[epoch] = order
       return order
 
-  def __call__(self, step: int) -> data.Batch:
+  def __call__(self, step: int) -> Batch:
     epoch, position = divmod(int(step), self.steps_per_epoch)
     start = position * self.batch_size
     first, last = self.rows
@@ -342,7 +343,7 @@ class _EvalBatch:
     self.rows = rows or (0, batch_size)
     self.shared = False
 
-  def __call__(self, number: int) -> data.Batch:
+  def __call__(self, number: int) -> Batch:
     first, last = self.rows
     start = int(number) * self.batch_size
     indices = np.arange(start + first, start + last)

@@ -352,3 +352,21 @@ def layer_shapes(model: AlexNet, image_size: int) -> dict[str, tuple[int, ...]]:
 
 def input_shape(image_size: int, batch: int = 1) -> Sequence[int]:
   return (batch, image_size, image_size, 3)
+
+
+def from_config(config) -> AlexNet:
+  """The network a config describes (its `model` fields)."""
+  m = config.model
+  return AlexNet(
+      variant=m.variant, num_classes=m.num_classes,
+      dropout_rate=m.dropout_rate, dtype=jnp.dtype(m.dtype),
+      param_dtype=jnp.float64 if m.dtype == 'float64' else jnp.float32,
+      width=m.width,
+      use_lrn={'default': None, 'on': True, 'off': False}[m.lrn],
+      lrn_n=m.lrn_n, lrn_k=m.lrn_k, lrn_alpha=m.lrn_alpha,
+      lrn_beta=m.lrn_beta,
+      lrn_across_columns=m.get('lrn_across_columns', False),
+      pool_window=m.pool_window,
+      pool_stride=m.pool_stride, init_scheme=m.init_scheme,
+      # Absent from the config.json of runs older than the field.
+      activation=m.get('activation', 'relu'))

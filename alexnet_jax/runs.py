@@ -19,7 +19,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from alexnet_jax import checkpointing, optim, train, validation
+from alexnet_jax import checkpointing, models, optim, validation
 
 CONFIG_FILE = 'config.json'
 
@@ -31,7 +31,7 @@ class Run:
   step: int
 
   def model(self):
-    return train.create_model(self.config)
+    return models.from_config(self.config)
 
 
 def load_config(workdir: str) -> ml_collections.ConfigDict:
@@ -75,7 +75,7 @@ def _x64(config):
 
 def abstract_state(config):
   """The train state of `config` as shapes and dtypes, nothing allocated."""
-  model = train.create_model(config)
+  model = models.from_config(config)
   tx = optim.make_optimizer(config)
   size = validation.image_size(config)
   images = jnp.zeros((1, size, size, 3), jnp.float32)
@@ -192,7 +192,7 @@ def start_from(workdir: str, config, params, shardings
         'Give the --workdir of a trained run, or one that '
         '`python -m alexnet_jax.convert` wrote.')
   source = restore(workdir)
-  theirs, ours = source.model(), train.create_model(config)
+  theirs, ours = source.model(), models.from_config(config)
   differ = [f for f in FUNCTION_FIELDS
             if getattr(theirs, f) != getattr(ours, f)]
   if differ:

@@ -22,8 +22,6 @@ from absl import logging
 from jax.experimental import multihost_utils
 from jax.sharding import PartitionSpec as P
 
-# `runs` reads other runs' directories with this module's state builders;
-# the two import each other and use each other only inside functions.
 from alexnet_jax import (checkpointing, data, metrics_io, models, optim,
                          parallel, runs, validation)
 
@@ -32,23 +30,6 @@ State = dict[str, Any]
 
 class NonFiniteLossError(RuntimeError):
   """The loss became NaN or infinite; the run stopped before saving it."""
-
-
-def create_model(config) -> models.AlexNet:
-  m = config.model
-  return models.AlexNet(
-      variant=m.variant, num_classes=m.num_classes,
-      dropout_rate=m.dropout_rate, dtype=jnp.dtype(m.dtype),
-      param_dtype=jnp.float64 if m.dtype == 'float64' else jnp.float32,
-      width=m.width,
-      use_lrn={'default': None, 'on': True, 'off': False}[m.lrn],
-      lrn_n=m.lrn_n, lrn_k=m.lrn_k, lrn_alpha=m.lrn_alpha,
-      lrn_beta=m.lrn_beta,
-      lrn_across_columns=m.get('lrn_across_columns', False),
-      pool_window=m.pool_window,
-      pool_stride=m.pool_stride, init_scheme=m.init_scheme,
-      # Absent from the config.json of runs older than the field.
-      activation=m.get('activation', 'relu'))
 
 
 def select_devices(config) -> list:
@@ -357,7 +338,7 @@ def _train_and_evaluate(config, workdir: str) -> dict:
   dataset = data.get_dataset(config, image_size)
   validation.check_dataset(config, dataset)
 
-  model = create_model(config)
+  model = models.from_config(config)
   tx = optim.make_optimizer(config)
   steps_per_epoch = dataset.steps_per_epoch(config.batch_size)
   total_steps = (config.num_train_steps if config.num_train_steps > 0

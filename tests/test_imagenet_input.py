@@ -192,7 +192,7 @@ def test_the_pipeline_never_imports_tensorflow(store_dir):
 
 def test_ten_crop_evaluation_averages_the_softmax(store_dir, tmp_path):
   import jax
-  from alexnet_jax import checkpointing, evaluate, optim, parallel, train
+  from alexnet_jax import checkpointing, evaluate, models, optim, parallel, train
   from configs import default
 
   config = default.get_config('synthetic')
@@ -206,7 +206,7 @@ def test_ten_crop_evaluation_averages_the_softmax(store_dir, tmp_path):
   config.model.init_scheme = 'he'   # predictions that differ between patches
 
   scheme = parallel.make_scheme('data', jax.devices()[:2])
-  model = train.create_model(config)
+  model = models.from_config(config)
   tx = optim.make_optimizer(config)
   state, _ = train.create_train_state(model, tx, scheme, SIZE, seed=1)
   ckpt = checkpointing.Checkpointer(str(tmp_path), max_to_keep=1,

@@ -42,8 +42,8 @@ import numpy as np
 import optax
 import pytest
 
-from alexnet_jax import (checkpointing, data, equivalence, optim, parallel, train,
-                         validation)
+from alexnet_jax import (checkpointing, data, equivalence, models, optim,
+                         parallel, train, validation)
 from configs import default
 
 IMAGE_SIZE = 67
@@ -101,7 +101,7 @@ class Setup:
     self.scheme = parallel.make_scheme(
         parallelism, train.select_devices(self.config))
     validation.check_layout(self.config, self.scheme, process_count=1)
-    self.model = train.create_model(self.config)
+    self.model = models.from_config(self.config)
     self.tx = optim.make_optimizer(self.config)
     # Never passed to the train step, which donates its input: see
     # `fresh_state`.
@@ -446,7 +446,7 @@ def test_head_only_momentum_lives_with_fc8(parallelism):
   config.init_from = '/unused'
   config.model.num_classes = 16  # splits over 4 devices
   scheme = parallel.make_scheme(parallelism, jax.devices()[:4])
-  model = train.create_model(config)
+  model = models.from_config(config)
   state, shardings = train.create_train_state(
       model, optim.make_optimizer(config), scheme, IMAGE_SIZE, 0)
   traces = [(path, leaf) for path, leaf in
