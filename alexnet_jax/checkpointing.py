@@ -26,16 +26,22 @@ class CheckpointError(RuntimeError):
 
 class Checkpointer:
 
-  def __init__(self, workdir: str, *, max_to_keep: int, every_steps: int):
+  def __init__(self, workdir: str, *, max_to_keep: int | None = None,
+               read_only: bool = False):
+    """`read_only`: for readers of a run (evaluate, predict, fine-tuning),
+    which may look at a workdir while its run is still training there; they
+    never save. (orbax's own read_only option warns on every use.)"""
     self.directory = os.path.join(os.path.abspath(workdir), 'checkpoints')
     try:
       self.manager = ocp.CheckpointManager(
           self.directory,
           options=ocp.CheckpointManagerOptions(
-              max_to_keep=max_to_keep, save_interval_steps=every_steps,
+              max_to_keep=max_to_keep,
               # A save killed half-way leaves a temporary folder: removed at
-              # the next start, it can never be mistaken for a checkpoint.
-              cleanup_tmp_directories=True, create=True,
+              # the next start of the run that owns the workdir (never by a
+              # reader, which would remove a live run's save in progress),
+              # it can never be mistaken for a checkpoint.
+              cleanup_tmp_directories=not read_only, create=not read_only,
               # A step directory that cannot be made then fails the save
               # call itself. Made in the background, its failure leaves
               # orbax's writer threads waiting 300 s for it at exit.
@@ -51,20 +57,32 @@ class Checkpointer:
   def all_steps(self) -> list[int]:
     return list(self.manager.all_steps())
 
-  def save(self, step: int, state, schedule, meta: dict, *,
-           force: bool = False) -> bool:
-    """Saves if `step` is due (or `force`); returns whether it saved."""
+  def stored_params(self, step: int):
+    """The parameter tree of checkpoint `step` as orbax's metadata (shape and
+    dtype of every array), read without reading the arrays."""
+    reader = ocp.StandardCheckpointer()
+    try:
+      metadata = reader.metadata(os.path.join(self.directory, str(step),
+                                              'state'))
+    finally:
+      reader.close()
+    return metadata.item_metadata['params']
+
+  def save(self, step: int, state, schedule, meta: dict) -> None:
+    """Saves `step`; the caller decides which steps are saved."""
     # The schedule's state is the same on every process and lives on the
     # host: as NumPy process 0 writes it, whereas orbax refuses host-local
     # jax.Arrays under jax.distributed.
     schedule = jax.tree.map(np.asarray, schedule)
     try:
-      return self.manager.save(
+      # Forced past orbax's own interval and preemption policy: the training
+      # loop's one decision is the only one.
+      self.manager.save(
           step,
           args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                   schedule=ocp.args.StandardSave(schedule),
                                   meta=ocp.args.JsonSave(meta)),
-          force=force)
+          force=True)
     except Exception as e:  # this save, or the previous one's background part
       raise self._write_error(e) from e
 

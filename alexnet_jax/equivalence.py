@@ -87,4 +87,4 @@ if __name__ == '__main__':
   flags.DEFINE_list('schemes', ['data', 'two_column', 'weird_trick'],
                     'Schemes to compare with parallelism=none.')
   flags.mark_flags_as_required(['config'])
-  app.run(main)
+  app.run(main, flags_parser=runtime.parse_flags)

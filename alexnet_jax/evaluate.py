@@ -70,9 +70,7 @@ def _evaluate_checkpoint(config, workdir, ten_crop, step):
   tx = optim.make_optimizer(config)
   state, shardings = train.create_train_state(model, tx, scheme, image_size,
                                               config.seed)
-  ckpt = checkpointing.Checkpointer(
-      workdir, max_to_keep=config.max_checkpoints_to_keep,
-      every_steps=config.checkpoint_every_steps)
+  ckpt = checkpointing.Checkpointer(workdir, read_only=True)
   try:
     step = ckpt.latest_step() if step is None else step
     if step is None or step not in ckpt.all_steps():
@@ -115,4 +113,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=runtime.parse_flags)

@@ -29,13 +29,14 @@ def main(argv):
   config = FLAGS.config
   runtime.setup(config)  # CPU devices and jax.distributed, before JAX starts
   import jax
-  from alexnet_jax import checkpointing, train, validation
+  from alexnet_jax import checkpointing, train, validation, workdir
   logging.info('JAX process %d of %d, local devices: %s', jax.process_index(),
                jax.process_count(), jax.local_devices())
   try:
     final = train.train_and_evaluate(config, FLAGS.workdir)
   except (validation.ConfigError, train.NonFiniteLossError,
-          checkpointing.CheckpointError, OSError) as e:
+          checkpointing.CheckpointError, workdir.WorkdirBusyError,
+          OSError) as e:
     logging.error('%s', e)
     print(f'error: {e}', file=sys.stderr)
     sys.exit(1)
@@ -56,4 +57,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=runtime.parse_flags)

@@ -64,12 +64,16 @@ def read_image(path: str) -> Image.Image:
 
 
 def _read(path: str) -> tuple[Image.Image | None, str | None]:
-  """(image, None), or (None, why the file is not an image)."""
+  """(image, None), or (None, why it gives no image)."""
   try:
     with open(path, 'rb') as f:
       encoded = f.read()
+  except FileNotFoundError:
+    return None, 'no such file'
+  except IsADirectoryError:
+    return None, 'a directory, not an image file'
   except OSError as e:
-    return None, f'not an image ({e.strerror or e})'
+    return None, f'cannot be read ({e.strerror or e})'
   try:
     return prepare.decode_rgb(encoded), None
   except UnidentifiedImageError:

@@ -103,8 +103,7 @@ def restore(workdir: str, *, config=None, step: int | None = None) -> Run:
     target = jax.tree.map(
         lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device),
         abstract_state(config))
-    ckpt = checkpointing.Checkpointer(workdir, max_to_keep=1 << 30,
-                                      every_steps=1)
+    ckpt = checkpointing.Checkpointer(workdir, read_only=True)
     try:
       steps = ckpt.all_steps()
       step = ckpt.latest_step() if step is None else step
@@ -132,7 +131,7 @@ def write(workdir: str, config, params) -> None:
     raise ValueError('The parameters do not fit the config: '
                      + '; '.join(problems))
   os.makedirs(workdir, exist_ok=True)
-  ckpt = checkpointing.Checkpointer(workdir, max_to_keep=1, every_steps=1)
+  ckpt = checkpointing.Checkpointer(workdir, max_to_keep=1)
   try:
     if ckpt.all_steps():
       raise FileExistsError(
@@ -145,7 +144,7 @@ def write(workdir: str, config, params) -> None:
       state = {'step': jnp.zeros((), jnp.int32), 'params': params,
                'opt_state': optim.make_optimizer(config).init(params)}
       ckpt.save(0, state, optim.init_schedule_state(config),
-                {'step': 0, 'eval': None}, force=True)
+                {'step': 0, 'eval': None})
       ckpt.wait()
   finally:
     ckpt.close()
@@ -160,9 +159,11 @@ def _mismatches(expected, params) -> list[str]:
   problems = [f'{k} is missing' for k in flat_expected if k not in flat_given]
   problems += [f'{k} is not in the model' for k in flat_given
                if k not in flat_expected]
-  problems += [f'{k} is {tuple(np.shape(flat_given[k]))}, the model has '
+  # Arrays, ShapeDtypeStructs or orbax's metadata of stored arrays.
+  shape = lambda v: tuple(getattr(v, 'shape', None) or np.shape(v))
+  problems += [f'{k} is {shape(flat_given[k])}, the model has '
                f'{tuple(v.shape)}' for k, v in flat_expected.items()
-               if k in flat_given and tuple(np.shape(flat_given[k])) != v.shape]
+               if k in flat_given and shape(flat_given[k]) != tuple(v.shape)]
   return problems
 
 
@@ -232,3 +233,66 @@ def start_from(workdir: str, config, params, shardings
         'may differ: keep the model fields (variant, width, activation) of '
         'the run it starts from.')
   return out, fresh
+
+
+# The fields a run resumed from its workdir may change: where and on how many
+# devices it runs, for how long, how often it logs and checkpoints, and how
+# its input is read. The others define the network, the data each step sees
+# and the optimization (the evaluation cadence feeds the plateau schedule),
+# which the checkpoints continue only as they are.
+RESUMABLE_CHANGES = (
+    'parallelism', 'mesh_shape', 'num_devices', 'cpu_devices', 'num_epochs',
+    'num_train_steps', 'log_every_steps', 'checkpoint_every_steps',
+    'max_checkpoints_to_keep', 'eval_batch_size', 'input.workers',
+    'input.processes', 'store_dir', 'init_from')
+
+
+def _flat(tree: dict, prefix: str = '') -> dict:
+  out = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      out.update(_flat(value, f'{prefix}{key}.'))
+    else:
+      out[f'{prefix}{key}'] = list(value) if isinstance(value, tuple) else value
+  return out
+
+
+def check_resumable(config, workdir: str) -> None:
+  """Before a run resumes from `workdir`'s checkpoints: `config` must be the
+  run's own, up to RESUMABLE_CHANGES. Compared with its config.json or, for a
+  workdir without one, with the latest checkpoint's parameter shapes; a
+  difference raises a ConfigError naming each field with both values."""
+  ckpt = checkpointing.Checkpointer(workdir, read_only=True)
+  try:
+    step = ckpt.latest_step()
+    if step is None:
+      return  # nothing to resume: the run starts afresh
+    if os.path.isfile(os.path.join(workdir, CONFIG_FILE)):
+      theirs = _flat(load_config(workdir).to_dict())
+      ours = _flat(config.to_dict())
+      fields = [k for k in sorted(set(ours) | set(theirs))
+                if k not in RESUMABLE_CHANGES and ours.get(k) != theirs.get(k)]
+      differences = [f'config.{k} is {ours.get(k)!r} here, {theirs.get(k)!r} '
+                     'there' for k in fields]
+      same_network = not any(k.split('.', 1)[-1] in FUNCTION_FIELDS + ('lrn',)
+                             for k in fields if k.startswith('model.'))
+    else:
+      with _x64(config):
+        expected = abstract_state(config)['params']
+      differences = [f'in the checkpoint {problem}' for problem in
+                     _mismatches(expected, ckpt.stored_params(step))]
+      same_network = False
+  finally:
+    ckpt.close()
+  if not differences:
+    return
+  shown = '; '.join(differences[:4]) + (
+      f'; and {len(differences) - 4} more' if len(differences) > 4 else '')
+  instead = ('give it a new --workdir' + (
+      "; to start it from that run's parameters, a new --workdir and "
+      f'--config.init_from={workdir}' if same_network else ''))
+  raise validation.ConfigError(
+      f'{workdir} holds checkpoints (the latest is step {step}) of a run that '
+      f'this config does not continue: {shown}. A run resumed from its '
+      'workdir may change only ' + ', '.join(RESUMABLE_CHANGES)
+      + f'. To train this config, {instead}.')

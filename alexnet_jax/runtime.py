@@ -7,6 +7,8 @@ processes: `jax.distributed.initialize()` finds the coordinator itself under
 Slurm, Open MPI and Kubernetes (JobSet), or takes the explicit flags.
 """
 
+import os
+
 from absl import flags, logging
 
 _COORDINATOR = flags.DEFINE_string(
@@ -58,3 +60,60 @@ def setup(config, *, num_cpu_devices: int | None = None) -> None:
     logging.info('jax.distributed: process %d of %d', jax.process_index(),
                  jax.process_count())
 
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """`app.run(main, flags_parser=runtime.parse_flags)`: absl's parsing, with
+  a mistake in --config or --config.FIELD told in a line or two (what was
+  wrong, what is accepted) instead of a traceback through ml_collections."""
+  import sys
+  try:
+    rest = flags.FLAGS(argv)
+    if 'config' in flags.FLAGS and flags.FLAGS['config'].present:
+      # A config file that cannot be read fails only at first use.
+      flags.FLAGS.config.keys()
+    return rest
+  except (flags.Error, KeyError, AttributeError, ValueError, OSError) as e:
+    print(f'error: {_flag_error(argv, e)}\nPass --helpshort or --helpfull to '
+          'see help on flags.', file=sys.stderr)
+    sys.exit(1)
+
+
+def _chain(e: BaseException) -> list[BaseException]:
+  out = [e]
+  while (out[-1].__cause__ or out[-1].__context__) is not None:
+    out.append(out[-1].__cause__ or out[-1].__context__)
+  return out
+
+
+def _flag_error(argv: list[str], e: Exception) -> str:
+  import glob
+  import re
+  config_flag = next((a for a in argv[1:] if a.startswith('--config=')),
+                     '--config')
+  missing = [x for x in _chain(e) if isinstance(x, KeyError)]
+  if missing:
+    # An override of a field the config lacks. ml_collections's message,
+    # "'modl'\nDid you mean "model" instead of "modl"?", is on the outer
+    # KeyError; the inner one has the bare name.
+    name, _, hint = str(missing[0].args[0] if missing[0].args
+                        else missing[0]).partition('\n')
+    name = name.strip('\'"')
+    flag = next((a.split('=', 1)[0] for a in argv[1:]
+                 if a.startswith('--config.')
+                 and name in a.split('=', 1)[0].split('.')), '--config.FIELD')
+    return (f'{flag}: the config has no field {name!r}.'
+            + (f' {hint}' if hint else ''))
+  if isinstance(e, OSError):
+    reason = re.findall(r'\[Errno \d+\] ([^:\n]+)', str(e))
+    configs = ', '.join(sorted(
+        p for p in glob.glob(os.path.join('configs', '*.py'))
+        if not p.endswith('__init__.py')))
+    return (f'{config_flag}: cannot load it'
+            + (f' ({reason[-1]})' if reason else '')
+            + (f'; the configs are {configs}' if configs else '') + '.')
+  if 'Error whilst parsing config file' in str(e):
+    # The config file raised (e.g. an unknown :ARG): its own message, not
+    # the traceback ml_collections wraps it in.
+    return f'{config_flag}: {_chain(e)[-1]}'
+  return str(e)

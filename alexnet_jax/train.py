@@ -24,6 +24,7 @@ from jax.sharding import PartitionSpec as P
 
 from alexnet_jax import (checkpointing, data, metrics_io, models, optim,
                          parallel, runs, validation)
+from alexnet_jax import workdir as workdir_lib
 
 State = dict[str, Any]
 
@@ -323,13 +324,19 @@ def train_and_evaluate(config, workdir: str) -> dict:
   'top5'} (top-k as fractions), plus 'preempted': True if SIGTERM stopped it.
   """
   validation.check_config(config)
+  # SIGTERM from here on stops the run after its first step at the latest,
+  # with a checkpoint: a preemption during start-up (compiling, restoring,
+  # the input pipeline's start) is a preemption like any other. The run then
+  # owns the workdir before it reads anything there.
   # float64 needs JAX's 64-bit mode; scoped to this run, so a notebook or a
   # test that trains in float32 afterwards is unaffected.
-  with jax.enable_x64(config.model.dtype == 'float64'):
-    return _train_and_evaluate(config, workdir)
+  with _Preemption() as preemption, workdir_lib.owned(workdir), \
+      jax.enable_x64(config.model.dtype == 'float64'):
+    runs.check_resumable(config, workdir)
+    return _train_and_evaluate(config, workdir, preemption)
 
 
-def _train_and_evaluate(config, workdir: str) -> dict:
+def _train_and_evaluate(config, workdir: str, preemption: _Preemption) -> dict:
   devices = select_devices(config)
   scheme = parallel.make_scheme(config.parallelism, devices,
                                 tuple(config.mesh_shape))
@@ -354,8 +361,7 @@ def _train_and_evaluate(config, workdir: str) -> dict:
   logging.info('%s parameters', f"{models.count_params(state['params']):,}")
   schedule = optim.init_schedule_state(config)
   ckpt = checkpointing.Checkpointer(
-      workdir, max_to_keep=config.max_checkpoints_to_keep,
-      every_steps=config.checkpoint_every_steps)
+      workdir, max_to_keep=config.max_checkpoints_to_keep)
   meta = {'eval': None}
   latest = None
   found = ckpt.restore_latest_good(checkpointing.abstract(state, shardings),
@@ -385,6 +391,7 @@ def _train_and_evaluate(config, workdir: str) -> dict:
   train_step = make_train_step(model, tx, scheme, shardings, lr_multipliers)
   eval_step = make_eval_step(model, scheme, shardings['params'])
   base_rng = jax.random.key(config.seed + 1)
+  logging.info('Starting the input pipeline at step %d', start_step + 1)
   batches = dataset.train_batches(
       batch_size=config.batch_size, seed=config.seed, start_step=start_step,
       rows=process_rows(scheme, config.batch_size))
@@ -429,72 +436,75 @@ def _train_and_evaluate(config, workdir: str) -> dict:
             '--config.optimizer.learning_rate or check the input data.')
     return fetched
 
-  def save(step, force=False):
+  def save(step):
     nonlocal last_good
     meta['pending'] = check_finite()
     meta['step'] = step
     meta['skipped_images'] = total_skipped()
-    if ckpt.save(step, state, schedule, meta, force=force):
-      last_good = step
+    ckpt.save(step, state, schedule, meta)
+    last_good = step
 
   lr = optim.learning_rate(config, start_step, steps_per_epoch, schedule)
   window_start, window_step = time.time(), start_step
   preempted = False
   try:
-    with _Preemption() as preemption:
-      for step in range(start_step + 1, total_steps + 1):
-        local = next(batches)
-        skipped_images += int(np.sum(local.pop('skipped', 0)))
-        batch = global_batch(scheme, local, config.batch_size)
-        state, metrics = train_step(state, batch, lr,
-                                    jax.random.fold_in(base_rng, step))
-        pending.append((step, metrics))
+    for step in range(start_step + 1, total_steps + 1):
+      local = next(batches)
+      skipped_images += int(np.sum(local.pop('skipped', 0)))
+      batch = global_batch(scheme, local, config.batch_size)
+      if step == start_step + 1:
+        logging.info('Compiling the train step (the first step takes '
+                     'longer)')
+      state, metrics = train_step(state, batch, lr,
+                                  jax.random.fold_in(base_rng, step))
+      pending.append((step, metrics))
 
-        if step % config.log_every_steps == 0 or step == total_steps:
-          fetched = check_finite()
-          pending.clear()
-          elapsed = time.time() - window_start
-          steps_per_sec = (step - window_step) / max(elapsed, 1e-9)
-          window_start, window_step = time.time(), step
-          means = {k: float(np.mean([m[k] for _, m in fetched]))
-                   for k in ('loss', 'top1', 'top5')}
-          images_per_sec = steps_per_sec * config.batch_size
-          writer.write({'step': step, 'epoch': step / steps_per_epoch,
-                        'split': 'train', **means, 'lr': lr,
-                        'images_per_sec': images_per_sec,
-                        'skipped_images': total_skipped()})
-          logging.info(
-              'step %d/%d  epoch %.2f  loss %.4f  top1 %.2f%%  top5 %.2f%%  '
-              'lr %.2g  %.0f img/s  ETA %s', step, total_steps,
-              step / steps_per_epoch, means['loss'], 100 * means['top1'],
-              100 * means['top5'], lr, images_per_sec,
-              metrics_io.format_duration((total_steps - step) / steps_per_sec))
+      if step % config.log_every_steps == 0 or step == total_steps:
+        fetched = check_finite()
+        pending.clear()
+        elapsed = time.time() - window_start
+        steps_per_sec = (step - window_step) / max(elapsed, 1e-9)
+        window_start, window_step = time.time(), step
+        means = {k: float(np.mean([m[k] for _, m in fetched]))
+                 for k in ('loss', 'top1', 'top5')}
+        images_per_sec = steps_per_sec * config.batch_size
+        writer.write({'step': step, 'epoch': step / steps_per_epoch,
+                      'split': 'train', **means, 'lr': lr,
+                      'images_per_sec': images_per_sec,
+                      'skipped_images': total_skipped()})
+        logging.info(
+            'step %d/%d  epoch %.2f  loss %.4f  top1 %.2f%%  top5 %.2f%%  '
+            'lr %.2g  %.0f img/s  ETA %s', step, total_steps,
+            step / steps_per_epoch, means['loss'], 100 * means['top1'],
+            100 * means['top5'], lr, images_per_sec,
+            metrics_io.format_duration((total_steps - step) / steps_per_sec))
 
-        if step % eval_every == 0 or step == total_steps:
-          check_finite()
-          result = evaluate(eval_step, state['params'], dataset, scheme, config)
-          schedule = optim.update_schedule_state(config, schedule,
-                                                 1.0 - result['top1'])
-          meta['eval'] = {'step': step, 'epoch': step / steps_per_epoch,
-                          **result}
-          writer.write({'step': step, 'epoch': step / steps_per_epoch,
-                        'split': 'eval', **result, 'lr': lr})
-          logging.info('eval at step %d: loss %.4f  top1 %.2f%%  top5 %.2f%%',
-                       step, result['loss'], 100 * result['top1'],
-                       100 * result['top5'])
-          _warn_if_flat(result['loss'], config.model.num_classes, step,
-                        config.model.init_scheme)
-          save(step, force=True)
-
-        if step % config.checkpoint_every_steps == 0 and last_good != step:
-          save(step)
-        lr = optim.learning_rate(config, step, steps_per_epoch, schedule)
-        if preemption.reached(step):
-          save(step, force=True)
-          preempted = True
-          logging.warning('Preempted at step %d; run the same command to '
-                          'resume.', step)
-          break
+      evaluated = step % eval_every == 0 or step == total_steps
+      if evaluated:
+        check_finite()
+        result = evaluate(eval_step, state['params'], dataset, scheme, config)
+        schedule = optim.update_schedule_state(config, schedule,
+                                               1.0 - result['top1'])
+        meta['eval'] = {'step': step, 'epoch': step / steps_per_epoch,
+                        **result}
+        writer.write({'step': step, 'epoch': step / steps_per_epoch,
+                      'split': 'eval', **result, 'lr': lr})
+        logging.info('eval at step %d: loss %.4f  top1 %.2f%%  top5 %.2f%%',
+                     step, result['loss'], 100 * result['top1'],
+                     100 * result['top5'])
+        _warn_if_flat(result['loss'], config.model.num_classes, step,
+                      config.model.init_scheme)
+      lr = optim.learning_rate(config, step, steps_per_epoch, schedule)
+      preempted = preemption.reached(step)
+      # The one place that decides whether a step is saved, so none is saved
+      # twice: after an evaluation (it carries the schedule's new state), at
+      # the interval, at the end (which evaluates) and when preempted.
+      if evaluated or preempted or step % config.checkpoint_every_steps == 0:
+        save(step)
+      if preempted:
+        logging.warning('Preempted at step %d; run the same command to '
+                        'resume.', step)
+        break
   finally:
     # Whatever stopped the loop, a checkpoint being written in the background
     # is completed before the process can exit.

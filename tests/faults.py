@@ -1,17 +1,20 @@
-"""SIGKILL a training subprocess at a chosen moment, then run it again.
+"""Signal a training subprocess at a chosen moment, then run it again.
 
-A moment is a predicate on the workdir, which is all that a killed run leaves
-behind: metrics.jsonl and `checkpoints/`. Orbax writes a step to
+SIGKILL stands for a crash or a power loss, SIGTERM for a preemption. A moment
+is a predicate on the workdir, which is all that a killed run leaves behind
+(metrics.jsonl and `checkpoints/`), and on the run's log so far. Orbax writes a step to
 `checkpoints/<step>.orbax-checkpoint-tmp-<timestamp>` and renames it to
 `checkpoints/<step>` once complete, so "being written" and "written" can both
 be seen from outside the process.
 
 The workdir is polled every `POLL_SECONDS` while the run goes on; the first
-time the moment holds, the whole process group is sent SIGKILL. The kill
-counts as landed only if the process was still alive to receive it and the
-moment still holds once it is dead: a checkpoint seen half-written may be
-renamed in the time it takes the signal to arrive, and then the run was not
-killed mid-write at all.
+time the moment holds, the whole process group is sent the signal, as Slurm
+and Kubernetes signal every process of a job. A SIGKILL counts as landed only
+if the process was still alive to receive it and the moment still holds once
+it is dead: a checkpoint seen half-written may be renamed in the time it takes
+the signal to arrive, and then the run was not killed mid-write at all. A
+SIGTERM counts as landed if the process was alive to receive it; what the run
+did with it is for the test to check.
 """
 
 from __future__ import annotations
@@ -33,9 +36,11 @@ _TMP_SUFFIX = '.orbax-checkpoint-tmp'
 
 @dataclasses.dataclass(frozen=True)
 class Moment:
-  """A named predicate on a workdir: `holds(workdir) -> bool`."""
+  """A named predicate on a workdir and, if `reads_log`, on the run's log
+  (stderr) so far: `holds(workdir, log) -> bool`."""
   description: str
-  holds: Callable[[str], bool]
+  holds: Callable[[str, str], bool]
+  reads_log: bool = False
 
   def __str__(self):
     return self.description
@@ -78,18 +83,36 @@ def _has_record(workdir: str, step: int, split: str) -> bool:
 
 def after_train_record(step: int) -> Moment:
   return Moment(f'after the train record of step {step}',
-                lambda w: _has_record(w, step, 'train'))
+                lambda w, log: _has_record(w, step, 'train'))
 
 
 def after_eval_record(step: int) -> Moment:
   return Moment(f'after the eval record of step {step}',
-                lambda w: _has_record(w, step, 'eval'))
+                lambda w, log: _has_record(w, step, 'eval'))
+
+
+def during_evaluation(step: int) -> Moment:
+  # Logged before the evaluation starts; recorded when it ends.
+  return Moment(f'during the evaluation of step {step}',
+                lambda w, log: (_has_record(w, step, 'train')
+                                and not _has_record(w, step, 'eval')))
+
+
+def after_log(text: str, *, before_first_record: bool = True) -> Moment:
+  """When the log has `text` and (by default) metrics.jsonl no record yet:
+  a moment of the start-up, which leaves nothing else to see."""
+  return Moment(
+      f'after the log line {text!r}' + (', before the first record'
+                                        if before_first_record else ''),
+      lambda w, log: text in log and not (before_first_record
+                                          and read_records(w)),
+      reads_log=True)
 
 
 def when_checkpoint_writing(step: int) -> Moment:
   pattern = re.compile(rf'{step}{re.escape(_TMP_SUFFIX)}')
 
-  def holds(workdir):
+  def holds(workdir, log):
     entries = checkpoint_entries(workdir)
     return (str(step) not in entries
             and any(pattern.match(name) for name in entries))
@@ -99,7 +122,7 @@ def when_checkpoint_writing(step: int) -> Moment:
 
 def after_checkpoint(step: int) -> Moment:
   return Moment(f'after checkpoint {step} is complete',
-                lambda w: str(step) in checkpoint_entries(w))
+                lambda w, log: str(step) in checkpoint_entries(w))
 
 
 def before_first_checkpoint() -> Moment:
@@ -107,17 +130,22 @@ def before_first_checkpoint() -> Moment:
   # no checkpoint may have begun, not even as a temporary directory.
   return Moment(
       'after the first record, before any checkpoint',
-      lambda w: bool(read_records(w)) and not checkpoint_entries(w))
+      lambda w, log: bool(read_records(w)) and not checkpoint_entries(w))
 
 
 def all_of(*moments: Moment) -> Moment:
   return Moment(' and '.join(m.description for m in moments),
-                lambda w: all(m.holds(w) for m in moments))
+                lambda w, log: all(m.holds(w, log) for m in moments),
+                reads_log=any(m.reads_log for m in moments))
 
 
-def _holds(moment: Moment, workdir: str) -> bool:
+def _holds(moment: Moment, workdir: str, log_path: str | None) -> bool:
   try:
-    return moment.holds(workdir)
+    log = ''
+    if moment.reads_log and log_path is not None:
+      with open(log_path) as f:
+        log = f.read()
+    return moment.holds(workdir, log)
   except OSError:
     # A directory listed a moment ago and renamed since, and the like: the
     # next poll sees the settled state.
@@ -159,9 +187,13 @@ class _Process:
                                     stdin=subprocess.DEVNULL, stdout=out,
                                     stderr=err, start_new_session=True)
 
-  def kill_group(self):
+  @property
+  def log_path(self) -> str:
+    return self._err_path
+
+  def kill_group(self, sig: int = signal.SIGKILL):
     try:
-      os.killpg(self.popen.pid, signal.SIGKILL)
+      os.killpg(self.popen.pid, sig)
     except ProcessLookupError:
       pass
 
@@ -193,15 +225,16 @@ def run_to_completion(command: Sequence[str], *, log_prefix: str,
 
 def run_and_kill(command: Sequence[str], workdir: str, moment: Moment, *,
                  log_prefix: str, cwd: str | None = None,
-                 env: dict | None = None,
-                 timeout: float = DEFAULT_TIMEOUT) -> Result:
-  """Runs `command` and SIGKILLs it the first time `moment` holds in workdir.
+                 env: dict | None = None, timeout: float = DEFAULT_TIMEOUT,
+                 sig: int = signal.SIGKILL) -> Result:
+  """Runs `command` and sends its process group `sig` the first time
+  `moment` holds, then waits for it to end.
 
-  Returns the run's Result: `landed` says whether the kill hit the moment. A
-  run that ends first is not an error here (landed is False); one that runs
+  Returns the run's Result: `landed` says whether the signal hit the moment.
+  A run that ends first is not an error here (landed is False); one that runs
   past `timeout` seconds without reaching it is killed and raises.
   """
-  if _holds(moment, workdir):
+  if _holds(moment, workdir, None):
     # A previous run's leftovers would fire the kill before this run did
     # anything: the test would be testing nothing.
     raise ValueError(f'{moment} already holds in {workdir} before the run '
@@ -211,8 +244,8 @@ def run_and_kill(command: Sequence[str], workdir: str, moment: Moment, *,
   sent = False
   try:
     while process.popen.poll() is None:
-      if _holds(moment, workdir):
-        process.kill_group()
+      if _holds(moment, workdir, process.log_path):
+        process.kill_group(sig)
         sent = True
         break
       if time.monotonic() > deadline:
@@ -227,15 +260,19 @@ def run_and_kill(command: Sequence[str], workdir: str, moment: Moment, *,
       process.popen.wait(timeout=60)
       raise TimeoutError(f'{moment} did not happen within {timeout:.0f} s.\n'
                          f'{process.result().tail()}')
-    process.wait(60)
+    # A preempted run finishes its step, and maybe an evaluation, first.
+    process.wait(60 if sig == signal.SIGKILL else timeout)
   finally:
     if process.popen.poll() is None:
       process.kill_group()
       process.popen.wait(timeout=60)
-  # Killed by this signal (an exit in the meantime has another return code),
-  # and still at the moment now that nothing can change the workdir.
-  landed = (process.popen.returncode == -signal.SIGKILL
-            and _holds(moment, workdir))
+  if sig == signal.SIGKILL:
+    # Killed by this signal (an exit in the meantime has another return
+    # code), and still at the moment now that nothing can change the workdir.
+    landed = (process.popen.returncode == -signal.SIGKILL
+              and _holds(moment, workdir, process.log_path))
+  else:
+    landed = sent
   return process.result(moment=moment, landed=landed,
                         entries_after_kill=checkpoint_entries(workdir))
 
@@ -243,15 +280,16 @@ def run_and_kill(command: Sequence[str], workdir: str, moment: Moment, *,
 def kill_and_resume(command: Sequence[str], workdir: str,
                     moments: Sequence[Moment], *, log_dir: str,
                     cwd: str | None = None, env: dict | None = None,
-                    timeout: float = DEFAULT_TIMEOUT
+                    timeout: float = DEFAULT_TIMEOUT,
+                    sig: int = signal.SIGKILL
                     ) -> tuple[list[Result], Result]:
-  """Kills one run of `command` at each moment in turn, then runs it to the
-  end. Returns the killed runs' Results and the last run's."""
+  """Signals one run of `command` at each moment in turn, then runs it to
+  the end. Returns the signalled runs' Results and the last run's."""
   killed = []
   for n, moment in enumerate(moments):
     killed.append(run_and_kill(
         command, workdir, moment, log_prefix=os.path.join(log_dir, f'kill{n}'),
-        cwd=cwd, env=env, timeout=timeout))
+        cwd=cwd, env=env, timeout=timeout, sig=sig))
   final = run_to_completion(command, log_prefix=os.path.join(log_dir, 'resume'),
                             cwd=cwd, env=env, timeout=timeout)
   return killed, final

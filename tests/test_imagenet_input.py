@@ -209,9 +209,8 @@ def test_ten_crop_evaluation_averages_the_softmax(store_dir, tmp_path):
   model = models.from_config(config)
   tx = optim.make_optimizer(config)
   state, _ = train.create_train_state(model, tx, scheme, SIZE, seed=1)
-  ckpt = checkpointing.Checkpointer(str(tmp_path), max_to_keep=1,
-                                    every_steps=1)
-  ckpt.save(5, state, optim.init_schedule_state(config), {}, force=True)
+  ckpt = checkpointing.Checkpointer(str(tmp_path), max_to_keep=1)
+  ckpt.save(5, state, optim.init_schedule_state(config), {})
   ckpt.wait()
   ckpt.close()
 

@@ -1,9 +1,12 @@
-"""A run SIGKILLed at any moment and started again ends as if never stopped.
+"""A run SIGKILLed or SIGTERMed at any moment and started again ends as if
+never stopped.
 
-Each scenario kills the command-line trainer at chosen moments (tests/faults.py
-watches the workdir from outside), runs the same command to the end, and
-compares it with one uninterrupted run: the final line, every metrics.jsonl
-record bit for bit, and every array of the final checkpoint.
+Each scenario signals the command-line trainer at chosen moments
+(tests/faults.py watches the workdir and the log from outside), runs the same
+command to the end, and compares it with one uninterrupted run: the final
+line, every metrics.jsonl record bit for bit, and every array of the final
+checkpoint. A SIGKILLed run leaves what it had written; a SIGTERMed one must
+exit with status 0 after saving a checkpoint of the step it stopped at.
 
 The runs log every 2 steps, checkpoint every 3 and evaluate (then checkpoint)
 every 4, so checkpoints 3 and 9 hold one step of the metric window that the
@@ -18,6 +21,7 @@ import math
 from multiprocessing import pool as thread_pool
 import os
 import re
+import signal
 import sys
 from typing import Callable
 
@@ -109,6 +113,7 @@ class Scenario:
   resumes_from: tuple[frozenset, ...]
   # For each kill: a check of `checkpoints/` as it left it.
   check_entries: tuple[Callable[[list[str]], None], ...]
+  sig: int = signal.SIGKILL
 
 
 def _no_checkpoint(entries):
@@ -175,6 +180,31 @@ SCENARIOS = {
         check_entries=(_mid_write(4), _mid_write(12))),
 }
 
+# Preemptions: the run finishes the step it is in (and its evaluation), saves
+# that step once and exits 0; the next run resumes from it. The step depends
+# on how soon the signal arrives, hence the allowed sets.
+SIGTERM_SCENARIOS = {
+    # Start-up: the handler is in place before anything is compiled or read,
+    # so a preemption there stops after the first step.
+    'sigterm_during_input_start': (faults.after_log(
+        'Starting the input pipeline'), {1, 2}),
+    'sigterm_during_first_compile': (faults.after_log(
+        'Compiling the train step'), {1, 2}),
+    # The evaluation of step 4 saves it; the preemption must not save it
+    # again (orbax refuses a step twice).
+    'sigterm_during_evaluation': (faults.during_evaluation(4), {4, 5}),
+    # Step 12 evaluates, is due at the interval and is the last.
+    'sigterm_on_step_that_evaluates_and_checkpoints': (
+        faults.during_evaluation(12), {12}),
+    # Checkpoint 6 is still being written when the signal comes.
+    'sigterm_while_checkpoint_written': (faults.when_checkpoint_writing(6),
+                                         {6, 7, 8}),
+}
+for _name, (_moment, _steps) in SIGTERM_SCENARIOS.items():
+  SCENARIOS[_name] = Scenario(
+      moments=(_moment,), resumes_from=(frozenset(_steps),),
+      check_entries=(_none_past(max(_steps)),), sig=signal.SIGTERM)
+
 
 def _reference(workdir, log_dir):
   return faults.run_to_completion(
@@ -185,7 +215,7 @@ def _reference(workdir, log_dir):
 def _scenario(scenario, workdir, log_dir):
   return faults.kill_and_resume(
       _command(workdir), workdir, scenario.moments, log_dir=log_dir,
-      cwd=REPO_ROOT, env=command_env(), timeout=RUN_TIMEOUT)
+      cwd=REPO_ROOT, env=command_env(), timeout=RUN_TIMEOUT, sig=scenario.sig)
 
 
 @pytest.fixture(scope='module')
@@ -254,6 +284,16 @@ def test_killed_and_resumed_run_matches_uninterrupted(name, launched,
     assert not any(line.startswith('final:')
                    for line in result.stdout.splitlines()), result.tail()
     scenario.check_entries[n](result.entries_after_kill)
+    if scenario.sig == signal.SIGTERM:
+      # A normal exit, whose last checkpoint is the step it stopped at.
+      assert result.returncode == 0, result.tail()
+      assert 'preempted: checkpoint saved' in result.stdout, result.tail()
+      stops = re.findall(r'Preempted at step (\d+)', result.stderr)
+      assert len(stops) == 1, result.tail()
+      saved = [int(e) for e in result.entries_after_kill if e.isdigit()]
+      assert saved and max(saved) == int(stops[0]), result.entries_after_kill
+      resumed = (killed[1:] + [final])[n]
+      assert _resumed_at(resumed) == int(stops[0]), resumed.tail()
   after_kills = [*killed[1:], final]
   for result, allowed in zip(after_kills, scenario.resumes_from, strict=True):
     assert _resumed_at(result) in allowed, result.tail()
@@ -290,29 +330,38 @@ def _write(path, text):
 def test_moments_read_the_workdir(tmp_path):
   workdir = str(tmp_path)
   before = faults.before_first_checkpoint()
-  assert not before.holds(workdir)
+  assert not before.holds(workdir, '')
   # A record cut short by the kill is not a record yet.
   _write(os.path.join(workdir, 'metrics.jsonl'),
          '{"step": 2, "split": "train"}\n{"step": 4, "spl')
-  assert before.holds(workdir)
-  assert faults.after_train_record(2).holds(workdir)
-  assert not faults.after_train_record(4).holds(workdir)
-  assert not faults.after_eval_record(2).holds(workdir)
+  assert before.holds(workdir, "")
+  assert faults.after_train_record(2).holds(workdir, "")
+  assert not faults.after_train_record(4).holds(workdir, "")
+  assert not faults.after_eval_record(2).holds(workdir, "")
 
   os.makedirs(os.path.join(workdir, 'checkpoints', '3.orbax-checkpoint-tmp'))
-  assert not before.holds(workdir)
-  assert faults.when_checkpoint_writing(3).holds(workdir)
+  assert not before.holds(workdir, "")
+  assert faults.when_checkpoint_writing(3).holds(workdir, "")
   # 33's temporary directory is not 3's.
-  assert not faults.when_checkpoint_writing(33).holds(workdir)
-  assert not faults.after_checkpoint(3).holds(workdir)
+  assert not faults.when_checkpoint_writing(33).holds(workdir, "")
+  assert not faults.after_checkpoint(3).holds(workdir, "")
   os.rename(os.path.join(workdir, 'checkpoints', '3.orbax-checkpoint-tmp'),
             os.path.join(workdir, 'checkpoints', '3'))
-  assert faults.after_checkpoint(3).holds(workdir)
-  assert not faults.when_checkpoint_writing(3).holds(workdir)
+  assert faults.after_checkpoint(3).holds(workdir, "")
+  assert not faults.when_checkpoint_writing(3).holds(workdir, "")
   assert faults.all_of(faults.after_checkpoint(3),
-                       faults.after_train_record(2)).holds(workdir)
+                       faults.after_train_record(2)).holds(workdir, "")
   assert not faults.all_of(faults.after_checkpoint(3),
-                           faults.after_eval_record(2)).holds(workdir)
+                           faults.after_eval_record(2)).holds(workdir, "")
+  # Start-up moments read the log, up to the first record.
+  compiling = faults.after_log('Compiling')
+  assert compiling.reads_log
+  assert not compiling.holds(workdir, 'I1201 Resuming at step 3')
+  assert not compiling.holds(workdir, 'Compiling the train step')
+  empty = str(tmp_path / 'empty')
+  assert compiling.holds(empty, 'Compiling the train step')
+  assert faults.during_evaluation(2).holds(workdir, '')
+  assert not faults.during_evaluation(4).holds(workdir, '')
 
 
 def test_run_and_kill_reports_whether_the_kill_landed(tmp_path):

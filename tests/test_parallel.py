@@ -380,9 +380,7 @@ def test_two_column_checkpoint_restores_under_other_schemes(setups, tmp_path):
 
   for parallelism, num_devices in (('none', 1), ('weird_trick', 4)):
     setup = setups(parallelism, 'original', num_devices)
-    checkpointer = checkpointing.Checkpointer(
-        str(tmp_path), max_to_keep=config.max_checkpoints_to_keep,
-        every_steps=config.checkpoint_every_steps)
+    checkpointer = checkpointing.Checkpointer(str(tmp_path), read_only=True)
     assert checkpointer.latest_step() == 2
     state, _, meta = checkpointer.restore(
         2, checkpointing.abstract(setup.initial, setup.shardings),

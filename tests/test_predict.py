@@ -87,8 +87,11 @@ def digit_files(tmp_path_factory):
   text = root / 'notes.txt'
   text.write_text('not an image\n')
   (root / 'a_folder').mkdir()
-  bad = {str(text): 'Pillow', str(root / 'missing.png'): 'No such file',
-         str(root / 'a_folder'): 'directory'}
+  # What the command says of each: a missing path is not called "not an
+  # image", it is missing.
+  bad = {str(text): 'not an image (no format Pillow reads)',
+         str(root / 'missing.png'): 'no such file',
+         str(root / 'a_folder'): 'a directory, not an image file'}
   return good, bad
 
 
@@ -118,11 +121,10 @@ def test_command_line_classifies_the_images_and_reports_the_rest(
   result = _predict(f'--workdir={digits_run["workdir"]}', *paths)
   assert result.returncode == 1, result.stderr
   error_lines = [line for line in result.stderr.splitlines()
-                 if ': not an image (' in line]
+                 if line.split(': ', 1)[0] in bad]
   assert len(error_lines) == len(bad), result.stderr
   for path, why in bad.items():
-    (line,) = [line for line in error_lines if line.startswith(f'{path}: ')]
-    assert why in line
+    assert f'{path}: {why}' in error_lines, result.stderr
 
   blocks = _parse(result.stdout)
   assert list(blocks) == [p for p, _ in good]   # in the order given

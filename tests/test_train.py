@@ -1,9 +1,11 @@
-"""End-to-end training on tiny synthetic data: outputs, resume, preemption."""
+"""End-to-end training on tiny synthetic data: outputs, resume, a workdir's
+owner and the runs it refuses (preemption is in test_kill_resume.py)."""
 
 import json
 import math
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -13,7 +15,7 @@ import pytest
 
 import overrides as overrides_lib
 from commands import command_env
-from alexnet_jax import metrics_io, train
+from alexnet_jax import metrics_io, train, validation
 from configs import one_gpu
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -193,76 +195,91 @@ def _wait_until(process, condition, timeout=300):
   return False
 
 
-def _final_line(stdout):
-  lines = [line for line in stdout.splitlines() if line.startswith('final:')]
-  assert len(lines) == 1, stdout
-  return lines[0]
+def _error_lines(result):
+  return [line for line in result.stderr.splitlines()
+          if line.startswith('error:')]
 
 
-def _last_eval(workdir):
-  return [r for r in metrics_io.read_metrics(workdir)
-          if r['split'] == 'eval'][-1]
-
-
-def _train_values(workdir):
-  return [(r['step'], r['loss'], r['top1'], r['top5'], r['lr'])
-          for r in metrics_io.read_metrics(workdir) if r['split'] == 'train']
-
-
-@pytest.fixture(scope='module')
-def reference_run(tmp_path_factory):
-  """An uninterrupted command-line run."""
-  workdir = str(tmp_path_factory.mktemp('reference'))
-  result = _run(_cli(workdir, 2))
-  assert result.returncode == 0, result.stderr[-3000:]
-  return {'final_line': _final_line(result.stdout),
-          'last_eval': _last_eval(workdir),
-          'train': _train_values(workdir)}
-
-
-def test_reference_run(reference_run):
-  assert reference_run['last_eval']['step'] == CLI_STEPS
-  assert [t[0] for t in reference_run['train']] == list(range(1, CLI_STEPS + 1))
-  assert reference_run['final_line'].startswith(f'final: step {CLI_STEPS} ')
-
-
-def test_sigterm_saves_and_exits_cleanly(reference_run, tmp_path):
+def test_second_run_in_a_live_workdir_stops_at_once(tmp_path):
+  # The same command twice in one workdir: the second must neither train nor
+  # touch the first's metrics and checkpoints, and must say who owns it.
   workdir = str(tmp_path)
   metrics = os.path.join(workdir, 'metrics.jsonl')
-
-  def training_started():
-    if not os.path.exists(metrics):
-      return False
-    with open(metrics) as f:
-      return '"train"' in f.read()
-
-  # Checkpoints only when forced (evaluation at the end, or SIGTERM).
-  process = _start(_cli(workdir, 1000))
+  long_run = _cli(workdir, 1000) + ['--config.num_train_steps=100000',
+                                    '--config.eval_every_steps=100000']
+  first = _start(long_run)
   try:
-    started = _wait_until(process, training_started)
-    process.send_signal(signal.SIGTERM)
-    _, stderr = process.communicate(timeout=120)
+    assert _wait_until(first, lambda: os.path.exists(metrics)
+                       and '"train"' in open(metrics).read())
+    started = time.time()
+    second = _run(long_run)
+    seconds = time.time() - started
+    assert first.poll() is None, 'the first run stopped'
+    first.send_signal(signal.SIGTERM)
+    _, first_stderr = first.communicate(timeout=120)
   finally:
-    if process.poll() is None:
-      process.kill()
-      process.communicate()
-  assert started
-  # One checkpoint, at the last step it trained.
-  saved = _checkpoint_entries(workdir)
-  assert len(saved) == 1 and saved[0].isdigit(), saved
-  stopped_at = int(saved[0])
-  assert 0 < stopped_at < CLI_STEPS
-  assert _steps(metrics_io.read_metrics(workdir), 'train')[-1] == stopped_at
-  sigterm_returncode = process.returncode
+    if first.poll() is None:
+      first.kill()
+      first.communicate()
+  assert second.returncode == 1, second.stderr[-3000:]
+  (error,) = _error_lines(second)
+  assert f'process {first.pid} on host ' in error, error
+  assert 'another --workdir' in error
+  assert 'Traceback' not in second.stderr
+  # It stopped before compiling anything.
+  assert 'Compiling' not in second.stderr
+  assert seconds < 60, seconds
+  # The first run's record is its own: one record per step, in order.
+  assert first.returncode == 0, first_stderr[-3000:]
+  steps = _steps(metrics_io.read_metrics(workdir), 'train')
+  assert steps == list(range(1, len(steps) + 1)), steps
+  assert _checkpoint_entries(workdir) == [str(steps[-1])]
 
-  result = _run(_cli(workdir, 1000))
-  assert result.returncode == 0, result.stderr[-3000:]
-  assert _final_line(result.stdout) == reference_run['final_line']
-  assert _last_eval(workdir) == reference_run['last_eval']
-  assert _train_values(workdir) == reference_run['train']
 
-  # Preemption is a normal exit.
-  assert sigterm_returncode == 0, stderr[-3000:]
+def test_workdir_of_another_network_is_refused_before_restoring(resumed_run,
+                                                                tmp_path):
+  # Resuming a workdir with a config of another network: one paragraph
+  # naming the field and both values, and the checkpoints left as they were.
+  workdir = str(tmp_path / 'copy')
+  shutil.copytree(resumed_run['workdir'], workdir)
+  before = _checkpoint_entries(workdir)
+  result = _run(_cli(workdir, 2) + ['--config.model.width=0.5'])
+  assert result.returncode == 1, result.stderr[-3000:]
+  (error,) = _error_lines(result)
+  assert 'config.model.width is 0.5 here, 0.25 there' in error, error
+  assert 'a new --workdir' in error and 'parallelism' in error, error
+  # A different network: its parameters are no start for this one.
+  assert '--config.init_from' not in error, error
+  assert 'Traceback' not in result.stderr and 'TensorStore' not in (
+      result.stderr), result.stderr[-3000:]
+  assert _checkpoint_entries(workdir) == before
+
+
+def test_resume_refusals_and_what_may_change(resumed_run, tmp_path):
+  workdir = str(tmp_path / 'copy')
+  shutil.copytree(resumed_run['workdir'], workdir)
+  before = _checkpoint_entries(workdir)
+  # The optimization changed, the network not: fine-tuning from it would do.
+  with pytest.raises(validation.ConfigError) as error:
+    train.train_and_evaluate(
+        _config(8, **{'optimizer.learning_rate': 0.02, 'seed': 3}), workdir)
+  message = str(error.value)
+  assert 'config.optimizer.learning_rate is 0.02 here, 0.01 there' in message
+  assert 'config.seed is 3 here, 0 there' in message
+  assert f'--config.init_from={workdir}' in message
+  # No config.json (a run of an older version): the checkpoint's shapes.
+  os.remove(os.path.join(workdir, 'config.json'))
+  with pytest.raises(validation.ConfigError) as error:
+    train.train_and_evaluate(_config(8, **{'model.variant': 'owt'}), workdir)
+  assert "in the checkpoint ['conv1']['kernel'] is (11, 11, 3, 24)" in str(
+      error.value)
+  assert _checkpoint_entries(workdir) == before
+  # Another scheme on other devices, and a longer run: resumed.
+  final = train.train_and_evaluate(
+      _config(8, parallelism='data', num_devices=2), workdir)
+  assert final['step'] == 8
+  steps = _steps(metrics_io.read_metrics(workdir), 'train')
+  assert steps == list(range(1, 9))
 
 
 def test_cli_non_finite_loss(tmp_path):

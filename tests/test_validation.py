@@ -1,12 +1,15 @@
 """Config checks: every bad field is named, with its value, before compiling."""
 
 import os
+import subprocess
+import sys
 import time
 
 import jax
 import pytest
 
 import overrides as overrides_lib
+from commands import REPO_ROOT, command_env
 from alexnet_jax import data, parallel, train, validation
 from configs import default, one_gpu, one_weird_trick, two_gpu
 
@@ -249,3 +252,46 @@ def test_train_raises_before_compiling(overrides, field, tmp_path,
   assert time.perf_counter() - start < 5.0
   # Nothing was written either.
   assert os.listdir(tmp_path) == []
+
+
+# --- Mistakes on the command line: a line that says what was wrong ----------
+
+# (arguments after the command, what the one error line must say)
+COMMAND_LINE_MISTAKES = {
+    'unknown_config_argument': (
+        ['--config=configs/two_gpu.py:digitz'],
+        ["--config=configs/two_gpu.py:digitz: Unknown config argument "
+         "'digitz'", "'digits'", "'synthetic'"]),
+    'misspelt_section': (
+        ['--config=configs/two_gpu.py:digits', '--config.modl.width=2'],
+        ["--config.modl.width: the config has no field 'modl'",
+         'Did you mean "model" instead of "modl"?']),
+    'misspelt_field': (
+        ['--config=configs/two_gpu.py:digits', '--config.model.widht=2'],
+        ["--config.model.widht: the config has no field 'widht'",
+         'Did you mean "width"']),
+    'missing_config_file': (
+        ['--config=configs/two_gpus.py'],
+        ['--config=configs/two_gpus.py: cannot load it (No such file or '
+         'directory)', 'configs/two_gpu.py']),
+    'value_of_the_wrong_type': (
+        ['--config=configs/two_gpu.py:digits', '--config.model.width=wide'],
+        ['--config.model.width=wide', "could not convert string to float"]),
+}
+
+
+@pytest.mark.parametrize('name', list(COMMAND_LINE_MISTAKES))
+def test_command_line_mistake_is_one_line(name, tmp_path):
+  arguments, expected = COMMAND_LINE_MISTAKES[name]
+  result = subprocess.run(
+      [sys.executable, '-m', 'alexnet_jax.main', *arguments,
+       f'--workdir={tmp_path}'], cwd=REPO_ROOT, env=command_env(),
+      capture_output=True, text=True, timeout=120)
+  assert result.returncode == 1, result.stderr
+  assert 'Traceback' not in result.stderr, result.stderr
+  lines = result.stderr.strip().splitlines()
+  assert len(lines) <= 2, result.stderr
+  assert lines[0].startswith('error: '), result.stderr
+  for text in expected:
+    assert text in lines[0], result.stderr
+  assert not os.listdir(tmp_path)  # nothing started
