@@ -16,10 +16,13 @@ on local disks and on shared filesystems alike:
 - a record in the file, the owner's host, pid, start and a heartbeat time
   rewritten every HEARTBEAT_SECONDS, which names the owner in the error. It
   also covers the filesystems where a flock is not seen by other hosts, or not
-  supported at all: a record whose owner is alive on this host, or whose
-  heartbeat is younger than STALE_SECONDS, holds the workdir. The heartbeat
-  needs the hosts' clocks to agree to well within STALE_SECONDS, as NTP keeps
-  a cluster's.
+  supported at all: a record whose owner is alive on this host holds the
+  workdir, and so does one from another host whose heartbeat goes on. A
+  heartbeat younger than STALE_SECONDS that does not move is watched until it
+  goes stale (a job requeued onto another node right after its run was
+  killed takes over within a minute instead of failing). The heartbeat needs
+  the hosts' clocks to agree to well within STALE_SECONDS, as NTP keeps a
+  cluster's.
 """
 
 from __future__ import annotations
@@ -105,7 +108,21 @@ def busy_message(workdir: str, record: dict | None) -> str:
           'checkpoint, and the same command then resumes), or give this run '
           'another --workdir. A run that died releases the lock at once on '
           f'its own host, and {STALE_SECONDS:.0f} s after its last heartbeat '
-          f'seen from another host; if it is certainly gone, delete {path}.')
+          'for another host; if it is certainly gone and the lock stays '
+          f'(a filesystem that keeps a dead client\'s flock), delete {path}.')
+
+
+def _watch(path: str, record: dict) -> dict | None:
+  """`record` of an owner on another host, watched until it beats (the
+  owner is alive), changes hands or goes stale: a heartbeat seen once may be
+  the last of a run killed moments ago (a job requeued onto another node).
+  Returns the record then."""
+  while _holds(record):
+    time.sleep(min(HEARTBEAT_SECONDS / 4, 1.0))
+    now = _read(path)
+    if now != record:
+      return now
+  return record
 
 
 class _Lock:
@@ -116,19 +133,38 @@ class _Lock:
     self.fd = os.open(self.path,
                       os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
     try:
+      self._acquire(workdir)
+    except BaseException:
+      os.close(self.fd)
+      raise
+
+  def _try_flock(self) -> bool | None:
+    """True if taken, False if another holds it, None if unsupported."""
+    try:
       fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+      return True
     except BlockingIOError:
-      os.close(self.fd)
-      raise WorkdirBusyError(busy_message(workdir, _read(self.path))) from None
+      return False
     except OSError as e:
-      if e.errno not in (errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP):
-        os.close(self.fd)
-        raise
-      # No flock on this filesystem: the record alone decides.
-    record = _read(self.path)
-    if _holds(record):
-      os.close(self.fd)
-      raise WorkdirBusyError(busy_message(workdir, record))
+      if e.errno in (errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP):
+        return None  # no flock on this filesystem: the record decides
+      raise
+
+  def _acquire(self, workdir: str):
+    # A flock held while the record says its owner is gone is a dead NFS
+    # client's, dropped when its lease runs out: waited for, this long.
+    deadline = time.monotonic() + 2 * STALE_SECONDS
+    while True:
+      flocked = self._try_flock()
+      record = _read(self.path)
+      if _holds(record) and record.get('host') != socket.gethostname():
+        record = _watch(self.path, record)
+      if _holds(record) or (flocked is False
+                            and time.monotonic() > deadline):
+        raise WorkdirBusyError(busy_message(workdir, record))
+      if flocked is not False:
+        break
+      time.sleep(1.0)
     pid = os.getpid()
     self.record = {
         'host': socket.gethostname(), 'pid': pid,

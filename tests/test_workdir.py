@@ -10,6 +10,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -86,21 +87,55 @@ def test_live_owner_on_this_host_holds_without_a_flock(tmp_path):
       pass
 
 
-@pytest.mark.parametrize('age, busy', [(5, True),
-                                       (workdir_lib.STALE_SECONDS + 5, False)])
-def test_owner_on_another_host_holds_while_its_heartbeat_is_fresh(
-    tmp_path, age, busy):
-  workdir = str(tmp_path)
+def _other_host(workdir, age):
   _write_record(workdir, host='another-host.example', pid=1,
                 heartbeat=time.time() - age)
-  if busy:
+
+
+def test_owner_on_another_host_with_a_stale_heartbeat_does_not_hold(tmp_path):
+  workdir = str(tmp_path)
+  _other_host(workdir, workdir_lib.STALE_SECONDS + 5)
+  with workdir_lib.owned(workdir):
+    assert _record(workdir)['host'] == socket.gethostname()
+
+
+@pytest.fixture
+def fast_heartbeat(monkeypatch):
+  monkeypatch.setattr(workdir_lib, 'HEARTBEAT_SECONDS', 0.2)
+  monkeypatch.setattr(workdir_lib, 'STALE_SECONDS', 1.0)
+
+
+def test_owner_on_another_host_that_beats_holds(tmp_path, fast_heartbeat):
+  workdir = str(tmp_path)
+  _other_host(workdir, 0)
+  stop = threading.Event()
+
+  def beat():  # the other host's run, alive
+    while not stop.wait(0.1):
+      _other_host(workdir, 0)
+
+  beating = threading.Thread(target=beat)
+  beating.start()
+  try:
     with pytest.raises(workdir_lib.WorkdirBusyError,
                        match='on host another-host.example'):
       with workdir_lib.owned(workdir):
         pass
-  else:
-    with workdir_lib.owned(workdir):
-      assert _record(workdir)['host'] == socket.gethostname()
+  finally:
+    stop.set()
+    beating.join()
+
+
+def test_owner_on_another_host_that_stopped_beating_is_waited_out(
+    tmp_path, fast_heartbeat):
+  # A run killed on another node moments ago: its heartbeat is fresh, but
+  # never beats again; a job requeued here takes over once it is stale.
+  workdir = str(tmp_path)
+  _other_host(workdir, 0)
+  started = time.monotonic()
+  with workdir_lib.owned(workdir):
+    assert _record(workdir)['host'] == socket.gethostname()
+  assert 0.5 < time.monotonic() - started < 10
 
 
 def test_heartbeat_is_renewed(tmp_path, monkeypatch):
