@@ -8,6 +8,12 @@ every layer and says with explicit collectives where activations cross devices
 (`alexnet_jax.parallel` supplies those fields). The parameter tree of the
 single-device model is the global tree of every scheme: a device's parameters are
 slices of it along the output-feature axis.
+
+Mixed precision (`dtype=bfloat16`): parameters, and so the optimizer's state
+and update, stay float32; convolutions, matmuls, ReLUs and pooling compute in
+bfloat16. In float32: the LRN sum of squares (`lrn`), the logits, and so the
+softmax and loss, and the cross-device gradient sums (the train step casts the
+float32 parameters, not their bfloat16 copies, to per-device values).
 """
 
 from __future__ import annotations
@@ -68,6 +74,13 @@ PAPER_BIAS_ONE = ('conv2', 'conv4', 'conv5', 'fc6', 'fc7')
 CONV_LAYERS = ('conv1', 'conv2', 'conv3', 'conv4', 'conv5')
 FC_LAYERS = ('fc6', 'fc7', 'fc8')
 
+# How conv1 is computed. 'direct': an 11x11 stride-4 convolution over 3
+# channels, which fills a GPU's matrix units poorly; 'space_to_depth': the
+# same function as a 3x3 stride-1 convolution over 4x4 blocks of pixels
+# folded into 48 channels; 'auto': space-to-depth on accelerators, direct on
+# the CPU (docs/benchmarks.md has the measurements behind both).
+CONV1_MODES = ('auto', 'direct', 'space_to_depth')
+
 
 def lrn(x: jax.Array, *, n: int = 5, k: float = 2.0, alpha: float = 1e-4,
         beta: float = 0.75) -> jax.Array:
@@ -109,6 +122,84 @@ def grouped_lrn(x: jax.Array, groups: int, **lrn_kwargs) -> jax.Array:
     return lrn(x, **lrn_kwargs)
   grouped = x.reshape(x.shape[:-1] + (groups, x.shape[-1] // groups))
   return lrn(grouped, **lrn_kwargs).reshape(x.shape)
+
+
+def space_to_depth(x: jax.Array, block: int) -> jax.Array:
+  """[B, H, W, C] -> [B, H/block, W/block, block * block * C]: each block of
+  pixels becomes one pixel with channels ordered (row, column, channel)."""
+  b, h, w, c = x.shape
+  x = x.reshape(b, h // block, block, w // block, block, c)
+  x = x.transpose(0, 1, 3, 2, 4, 5)
+  return x.reshape(b, h // block, w // block, block * block * c)
+
+
+def fold_kernel(kernel: jax.Array, block: int) -> jax.Array:
+  """A [k, k, C, F] kernel of stride `block` as the [ceil(k/block)] ** 2
+  kernel over `space_to_depth(x, block)` that computes the same outputs: the
+  kernel is zero-padded to a multiple of the block and folded like the input."""
+  k, _, c, f = kernel.shape
+  taps = -(-k // block)
+  kernel = jnp.pad(kernel, ((0, taps * block - k), (0, taps * block - k),
+                            (0, 0), (0, 0)))
+  kernel = kernel.reshape(taps, block, taps, block, c, f)
+  kernel = kernel.transpose(0, 2, 1, 3, 4, 5)
+  return kernel.reshape(taps, taps, block * block * c, f)
+
+
+class SpaceToDepthConv(nn.Module):
+  """A square convolution with stride > 1 (conv1) computed stride 1.
+
+  The input is padded so that each output's receptive field covers whole
+  blocks of `stride` x `stride` pixels, the blocks are folded into channels
+  and the kernel is folded the same way (`fold_kernel`), so a VALID stride-1
+  convolution gives exactly the outputs of the strided one, for any input
+  size. The parameters are `nn.Conv`'s, stored unfolded (kernel
+  [k, k, C, F], bias [F]) and drawn from the same random streams, so the
+  parameter tree, checkpoints and converted weights are those of the direct
+  convolution.
+  """
+
+  features: int
+  kernel_size: int
+  stride: int
+  padding: int
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+  kernel_init: Any = nn.initializers.lecun_normal()
+  bias_init: Any = nn.initializers.zeros
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    k, s, p = self.kernel_size, self.stride, self.padding
+    kernel = self.param('kernel', self.kernel_init,
+                        (k, k, x.shape[-1], self.features), self.param_dtype)
+    bias = self.param('bias', self.bias_init, (self.features,),
+                      self.param_dtype)
+    x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias,
+                                              dtype=self.dtype)
+    taps = -(-k // s)
+    out = [(n + 2 * p - k) // s + 1 for n in x.shape[1:3]]
+    # Output o reads padded pixels s*o .. s*o + k - 1, inside blocks
+    # o .. o + taps - 1; the last block ends at s * (out + taps - 1). Pixels
+    # beyond it (a negative padding) are ones the strided conv skips too.
+    pads = [(p, s * (o + taps - 1) - n - p, 0)
+            for n, o in zip(x.shape[1:3], out)]
+    x = lax.pad(x, jnp.zeros((), x.dtype), [(0, 0, 0), *pads, (0, 0, 0)])
+    y = lax.conv_general_dilated(
+        space_to_depth(x, s), fold_kernel(kernel, s), (1, 1), 'VALID',
+        dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+    return y + bias
+
+
+def conv1_mode(mode: str, platform: str | None = None) -> str:
+  """'direct' or 'space_to_depth': `mode` with 'auto' resolved for
+  `platform` (JAX's default backend if None)."""
+  if mode not in CONV1_MODES:
+    raise ValueError(f'model.conv1 must be one of {CONV1_MODES}, got {mode!r}')
+  if mode != 'auto':
+    return mode
+  platform = platform or jax.default_backend()
+  return 'direct' if platform == 'cpu' else 'space_to_depth'
 
 
 def feature_map_sizes(image_size: int, variant: str, pool_window: int = 3,
@@ -157,6 +248,8 @@ class AlexNet(nn.Module):
     pool_window, pool_stride: 3/2 is the paper's overlapping pooling.
     init_scheme: 'paper' (N(0, 0.01), biases 1 in conv2/4/5, fc6/7) or 'he'.
     activation: 'relu' (section 3.1) or 'tanh' (Figure 1's comparison).
+    conv1: how conv1 is computed, one of CONV1_MODES; the same function and
+      parameters in every mode.
 
   Partition fields (set by `alexnet_jax.parallel`; defaults = one device):
     column_axis: mesh axis holding the columns of the 'original' network; each
@@ -184,6 +277,7 @@ class AlexNet(nn.Module):
   pool_stride: int = 2
   init_scheme: str = 'paper'
   activation: str = 'relu'
+  conv1: str = 'auto'
   column_axis: AxisName = None
   column_shards: int = 1
   fc_axis: AxisName = None
@@ -262,7 +356,15 @@ class AlexNet(nn.Module):
     act = ACTIVATIONS[self.activation]
 
     x = images.astype(self.dtype)
-    x = act(self._conv(x, 'conv1', c1, 11, arch.conv1_padding, stride=4))
+    if conv1_mode(self.conv1) == 'space_to_depth':
+      kernel_init, bias_init = _initializers(self.init_scheme, 'conv1')
+      x = SpaceToDepthConv(c1, 11, 4, arch.conv1_padding, dtype=self.dtype,
+                           param_dtype=self.param_dtype,
+                           kernel_init=kernel_init, bias_init=bias_init,
+                           name='conv1')(x)
+    else:
+      x = self._conv(x, 'conv1', c1, 11, arch.conv1_padding, stride=4)
+    x = act(x)
     if use_lrn:
       x = self._lrn(x, columns)
     x = self._pool(x)
@@ -369,4 +471,5 @@ def from_config(config) -> AlexNet:
       pool_window=m.pool_window,
       pool_stride=m.pool_stride, init_scheme=m.init_scheme,
       # Absent from the config.json of runs older than the field.
-      activation=m.get('activation', 'relu'))
+      activation=m.get('activation', 'relu'),
+      conv1=m.get('conv1', 'auto'))

@@ -66,6 +66,7 @@ IMPOSSIBLE = {
     'model.pool_stride': (0,),
     'model.init_scheme': ('xavier',),
     'model.activation': ('sigmoid',),
+    'model.conv1': ('winograd',),
     'input.normalization': ('per_pixel',),
     # 'head' needs init_from: a new classifier on nothing trained.
     'trainable': ('conv', 'head'),

@@ -1,0 +1,150 @@
+"""The benchmark command, its FLOP table and the GPU suite's tiny mode.
+
+  * the layer table of training FLOPs is XLA's own count for the compiled
+    train step of both full-size networks, within 10% (XLA leaves out the
+    taps that fall on padding, about 7-8% of the table's count; the table
+    leaves out biases, ReLUs, LRN, pooling and the update);
+  * `python -m alexnet_jax.benchmark` runs on a CPU, ends with one JSON line
+    with MFU null, and imports neither TensorFlow nor TFDS;
+  * `python benchmarks/gpu.py --tiny` (PyTorch and JAX, every mode) fills in
+    every cell of its table, and never writes the committed document.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import pytest
+
+from alexnet_jax import benchmark, comm, flops, models, validation
+from commands import REPO_ROOT, command_env
+from configs import one_gpu
+
+# Forward multiply-adds per image (PERFORMANCE.md's 714.2 M and 724.4 M).
+FORWARD_MACS = {'owt': 714_188_480, 'original': 724_406_816}
+# torchvision's AlexNet and the 2012 network (README.md's model table).
+PARAMETERS = {'owt': 61_100_840, 'original': 60_965_224}
+
+
+@pytest.mark.parametrize('variant', ['owt', 'original'])
+def test_flop_table_matches_xla_cost_analysis(variant):
+  config = one_gpu.get_config()
+  config.model.variant = variant
+  config.model.conv1 = 'direct'
+  config.batch_size = 32
+  model = models.from_config(config)
+  size = validation.image_size(config)
+  assert flops.forward_macs(model, size) == FORWARD_MACS[variant]
+  table = flops.training_flops(model, size)
+  # Three passes of two FLOPs per multiply-add, conv1's input gradient left
+  # out: PERFORMANCE.md's 4.145 G for owt.
+  conv1 = flops.layer_table(model, size)[0]
+  assert table == 6 * FORWARD_MACS[variant] - 2 * conv1.macs
+
+  # Lowered, not compiled: XLA's count of the HLO, at no compilation cost.
+  lowered, _, _ = comm.lower_train_step(config, 'none', jax.devices()[:1])
+  xla = lowered.cost_analysis()['flops'] / config.batch_size
+  assert abs(xla - table) <= 0.10 * table, (xla, table)
+
+
+def test_peak_table():
+  assert benchmark.peak_tflops('NVIDIA H100 80GB HBM3', 'bfloat16') == 989.5
+  assert benchmark.peak_tflops('NVIDIA H100 PCIe', 'bfloat16') == 756.5
+  assert benchmark.peak_tflops('NVIDIA H200', 'float32') == 494.5
+  assert benchmark.peak_tflops('NVIDIA A100-SXM4-80GB', 'bfloat16') == 312.0
+  assert benchmark.peak_tflops('NVIDIA H100 80GB HBM3', 'float64') is None
+  assert benchmark.peak_tflops('cpu', 'float32') is None
+
+
+# Runs the command as its own program would, then reports on stderr which of
+# the modules the step does not need were imported.
+RUN_AND_LIST_IMPORTS = '''
+import json, runpy, sys
+sys.argv = ['benchmark'] + sys.argv[1:]
+try:
+  runpy.run_module('alexnet_jax.benchmark', run_name='__main__')
+finally:
+  heavy = ('tensorflow', 'tensorflow_datasets', 'torch', 'grain')
+  print(json.dumps(sorted({m.split('.')[0] for m in sys.modules
+                           if m.split('.')[0] in heavy})), file=sys.stderr)
+'''
+
+
+def test_benchmark_command_on_cpu():
+  done = subprocess.run(
+      [sys.executable, '-c', RUN_AND_LIST_IMPORTS,
+       '--config=configs/one_gpu.py:synthetic', '--steps=5'],
+      cwd=REPO_ROOT, env=command_env(), capture_output=True, text=True,
+      timeout=600, check=False)
+  assert done.returncode == 0, done.stderr[-3000:]
+  assert json.loads(done.stderr.strip().splitlines()[-1]) == []
+  result = json.loads(done.stdout.strip().splitlines()[-1])
+  assert result['platform'] == 'cpu'
+  assert result['steps'] == 5
+  assert result['img_per_s'] > 0
+  assert result['step_ms'] == pytest.approx(1e3 * 16 / result['img_per_s'])
+  assert result['step_ms_min'] <= result['step_ms'] <= result['step_ms_max']
+  assert result['mfu'] is None
+  assert result['peak_memory_bytes'] is None
+  config = one_gpu.get_config('synthetic')
+  assert result['flops_per_image'] == flops.training_flops(
+      models.from_config(config), 99)
+  # float32 images and an int32 label.
+  assert result['bytes_to_device_per_image'] == 99 * 99 * 3 * 4 + 4
+
+
+def test_torch_reference_has_the_project_models():
+  sys.path.insert(0, os.path.join(REPO_ROOT, 'benchmarks'))
+  try:
+    import torch_reference
+  finally:
+    sys.path.pop(0)
+  for variant, count in PARAMETERS.items():
+    net = torch_reference.AlexNet(variant)
+    assert sum(p.numel() for p in net.parameters()) == count, variant
+
+
+def test_gpu_suite_tiny_mode(tmp_path):
+  out = tmp_path / 'benchmarks.md'
+  out.write_text('# Benchmarks\n\n<!-- gpu-suite:begin -->\nold\n'
+                 '<!-- gpu-suite:end -->\n\nAfter.\n')
+  doc = os.path.join(REPO_ROOT, 'docs', 'benchmarks.md')
+  before = open(doc).read()
+  done = subprocess.run(
+      [sys.executable, 'benchmarks/gpu.py', '--tiny', f'--out={out}'],
+      cwd=REPO_ROOT, env=command_env(), capture_output=True, text=True,
+      timeout=600, check=False)
+  assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+  text = out.read_text()
+  assert 'old' not in text and text.endswith('After.\n')
+  table = text.split('<!-- gpu-suite:begin -->')[1]
+  rows = {tuple(cell.strip() for cell in line.split('|')[1:3]): line
+          for line in table.splitlines()
+          if line.startswith(('| owt |', '| original |'))
+          and 'float32' not in line and 'bfloat16' not in line}
+  runs = [line for line in table.splitlines()
+          if line.startswith(('| owt |', '| original |'))
+          and ('float32' in line or 'bfloat16' in line)]
+  # Tiny mode: owt at batch 2 and the original network at batch 4, one JAX
+  # run each, and every PyTorch mode once.
+  assert set(rows) == {('owt', '2'), ('original', '4')}, table
+  assert len(runs) == 2, table
+  cells = [c.strip() for c in rows['owt', '2'].split('|')[3:-1]]
+  eager_fp32, eager_bf16, compile_bf16, *jax_cells, mfu = cells
+  assert eager_fp32 != 'not run' and compile_bf16 != 'not run', cells
+  assert eager_bf16 == 'not run'
+  assert sum(c != 'not run' for c in jax_cells) == 1, cells
+  assert any(c.endswith('x)') for c in jax_cells), cells  # ratio to PyTorch
+  assert mfu == 'null'
+  assert 'not run' not in rows['original', '4'].split('|')[4], rows
+  assert 'stopped early' not in table, table
+  assert open(doc).read() == before
+
+  refused = subprocess.run(
+      [sys.executable, 'benchmarks/gpu.py', '--tiny'], cwd=REPO_ROOT,
+      env=command_env(), capture_output=True, text=True, timeout=120,
+      check=False)
+  assert refused.returncode != 0
+  assert '--out' in refused.stderr

@@ -1,0 +1,134 @@
+"""conv1 by space-to-depth is the direct convolution, in every scheme.
+
+`model.conv1='space_to_depth'` folds 4x4 pixel blocks into channels and the
+stored 11x11 kernel into a 3x3 one inside the forward pass. As a
+specification: the parameter tree and its initial values are the direct
+model's; the logits agree for every input size the network accepts (whatever
+padding it takes to reach whole blocks); and the loss and every gradient
+agree, to test_parallel's 1e-5 norm-relative tolerance in float32, with the
+direct single-device model's under none, data, two_column and weird_trick on
+2, 4 and 8 simulated devices. test_parallel holds the direct model under each
+scheme to the same reference; its batch, parameters and tolerance are reused.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import test_parallel
+from alexnet_jax import models, parallel, train
+
+VARIANTS = ('original', 'owt')
+CASES = ([('none', variant, 1) for variant in VARIANTS]
+         + test_parallel.SCHEME_CASES
+         + [('data', 'owt', n) for n in (2, 4, 8)])
+
+
+@pytest.fixture(scope='module')
+def direct():
+  """The direct single-device model of each variant: the reference, its
+  initial parameters, and its loss and gradients on test_parallel's batch."""
+
+  @functools.cache
+  def build(variant):
+    setup = test_parallel.Setup('none', variant, 1)
+    setup.model = setup.model.clone(conv1='direct')
+    return setup
+  return build
+
+
+def folded_first_batch_grads(reference: test_parallel.Setup, case):
+  """(gradients, metrics) of the reference's first batch and parameters with
+  conv1 by space-to-depth, under the case's scheme. The reference's
+  parameters are resharded, not initialised again: a test of the same
+  function at the same point."""
+  parallelism, variant, num_devices = case
+  config = test_parallel.make_config(parallelism, num_devices, variant)
+  scheme = parallel.make_scheme(parallelism, train.select_devices(config))
+  model = models.from_config(config).clone(conv1='space_to_depth')
+  specs = scheme.param_specs(reference.initial['params'], model)
+  params = jax.device_put(
+      reference.initial['params'],
+      jax.tree.map(scheme.sharding, specs,
+                   is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec)))
+  grad_fn = jax.jit(train.make_grad_fn(model, scheme, specs))
+  batch = train.global_batch(scheme, next(reference.train_batches()))
+  return jax.device_get(grad_fn(params, batch, jax.random.key(0)))
+
+
+@pytest.mark.parametrize('variant', VARIANTS)
+def test_same_parameters(direct, variant):
+  reference = direct(variant)
+  model = reference.model.clone(conv1='space_to_depth')
+  images = jnp.zeros(models.input_shape(test_parallel.IMAGE_SIZE))
+  got = jax.jit(lambda: model.init(jax.random.key(reference.config.seed),
+                                   images, train=False)['params'])()
+  want = jax.device_get(reference.initial['params'])
+  assert jax.tree.structure(got) == jax.tree.structure(want)
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_array_equal(a, b)
+  assert got['conv1']['kernel'].shape == (11, 11, 3, model.scaled(
+      model.arch.conv_features[0]))
+
+
+# Both conv1 paddings (0 and 2) and every remainder of the padded input size
+# mod 4: the fold pads up to whole blocks or leaves out the pixels that the
+# stride skips too.
+@pytest.mark.parametrize('padding', [0, 2])
+@pytest.mark.parametrize('size', [67, 68, 69, 70])
+def test_conv1_layer_same_outputs_and_gradients(padding, size):
+  images = jax.random.normal(jax.random.key(0), (2, size, size, 3))
+  direct_conv = nn.Conv(8, (11, 11), strides=(4, 4),
+                        padding=((padding, padding),) * 2)
+  folded_conv = models.SpaceToDepthConv(8, 11, 4, padding)
+  params = direct_conv.init(jax.random.key(1), images)
+
+  @jax.jit
+  def outputs_and_grads(params):
+    def run(conv):
+      loss = lambda p: jnp.sum(jnp.sin(conv.apply(p, images)))
+      return conv.apply(params, images), jax.grad(loss)(params)
+    return run(direct_conv), run(folded_conv)
+
+  (want, want_grads), (got, got_grads) = outputs_and_grads(params)
+  test_parallel.assert_close(got, want, f'conv1 output, {size}x{size}')
+  test_parallel.assert_trees_close(got_grads, want_grads, 'conv1 gradient')
+
+
+@pytest.mark.parametrize('variant,size', [('original', 227), ('owt', 224)])
+def test_same_logits(variant, size):
+  model = models.AlexNet(variant=variant, width=0.25, num_classes=10,
+                         init_scheme='he')
+  images = jax.random.normal(jax.random.key(0), (2, size, size, 3))
+  params = jax.jit(model.init, static_argnames='train')(
+      jax.random.key(1), images, train=False)['params']
+  logits = jax.jit(lambda params: [
+      model.clone(conv1=mode).apply({'params': params}, images, train=False)
+      for mode in ('direct', 'space_to_depth')])
+  want, got = logits(params)
+  test_parallel.assert_close(got, want, f'{variant} {size}x{size} logits')
+
+
+@pytest.mark.parametrize('case', CASES, ids=test_parallel.case_id)
+def test_same_loss_and_gradients_in_every_scheme(direct, case):
+  _, variant, _ = case
+  reference = direct(variant)
+  grads, metrics = folded_first_batch_grads(reference, case)
+  want_grads, want_metrics = reference.first_batch_grads
+  for name in ('loss', 'top1', 'top5'):
+    test_parallel.assert_close(metrics[name], want_metrics[name], name)
+  test_parallel.assert_trees_close(grads, want_grads, 'gradient')
+
+
+def test_auto_follows_the_platform():
+  assert models.conv1_mode('auto', 'cpu') == 'direct'
+  assert models.conv1_mode('auto', 'gpu') == 'space_to_depth'
+  assert models.conv1_mode('direct', 'gpu') == 'direct'
+  with pytest.raises(ValueError, match='model.conv1'):
+    models.conv1_mode('winograd')
