@@ -323,7 +323,15 @@ def train_and_evaluate(config, workdir: str) -> dict:
   Returns the final validation metrics: {'step', 'epoch', 'loss', 'top1',
   'top5'} (top-k as fractions), plus 'preempted': True if SIGTERM stopped it.
   """
+  # Every check that needs no workdir comes first: a config that cannot
+  # work leaves nothing behind.
   validation.check_config(config)
+  devices = select_devices(config)
+  scheme = parallel.make_scheme(config.parallelism, devices,
+                                tuple(config.mesh_shape))
+  validation.check_layout(config, scheme, jax.process_count())
+  dataset = data.get_dataset(config, validation.image_size(config))
+  validation.check_dataset(config, dataset)
   # SIGTERM from here on stops the run after its first step at the latest,
   # with a checkpoint: a preemption during start-up (compiling, restoring,
   # the input pipeline's start) is a preemption like any other. The run then
@@ -333,17 +341,13 @@ def train_and_evaluate(config, workdir: str) -> dict:
   with _Preemption() as preemption, workdir_lib.owned(workdir), \
       jax.enable_x64(config.model.dtype == 'float64'):
     runs.check_resumable(config, workdir)
-    return _train_and_evaluate(config, workdir, preemption)
+    return _train_and_evaluate(config, workdir, scheme, dataset, preemption)
 
 
-def _train_and_evaluate(config, workdir: str, preemption: _Preemption) -> dict:
-  devices = select_devices(config)
-  scheme = parallel.make_scheme(config.parallelism, devices,
-                                tuple(config.mesh_shape))
-  validation.check_layout(config, scheme, jax.process_count())
+def _train_and_evaluate(config, workdir: str, scheme: parallel.Scheme,
+                        dataset: data.Dataset,
+                        preemption: _Preemption) -> dict:
   image_size = validation.image_size(config)
-  dataset = data.get_dataset(config, image_size)
-  validation.check_dataset(config, dataset)
 
   model = models.from_config(config)
   tx = optim.make_optimizer(config)
@@ -353,7 +357,8 @@ def _train_and_evaluate(config, workdir: str, preemption: _Preemption) -> dict:
   eval_every = (config.eval_every_steps if config.eval_every_steps > 0
                 else steps_per_epoch)
   logging.info('%s on mesh %s (%s devices), %d steps of %d, %d per epoch',
-               scheme.name, dict(scheme.mesh.shape), devices[0].platform,
+               scheme.name, dict(scheme.mesh.shape),
+               scheme.mesh.devices.flat[0].platform,
                total_steps, config.batch_size, steps_per_epoch)
 
   state, shardings = create_train_state(model, tx, scheme, image_size,
