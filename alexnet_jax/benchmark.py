@@ -86,9 +86,12 @@ def measure(config, *, steps: int = 20, warmup: int = 3,
     return _measure(config, steps, warmup, peak)
 
 
-def _measure(config, steps: int, warmup: int, peak: float | None) -> dict:
+def compiled_step(config) -> dict:
+  """`config`'s train step compiled for one synthetic batch, with what it
+  runs on: {'step', 'state', 'batch', 'lr', 'rng', 'compile_s', 'model',
+  'devices', 'image_size', 'bytes_per_image'}."""
   import jax
-  from alexnet_jax import data, flops, models, optim, parallel, train
+  from alexnet_jax import data, models, optim, parallel, train
   from alexnet_jax import validation
   devices = train.select_devices(config)
   scheme = parallel.make_scheme(config.parallelism, devices,
@@ -114,13 +117,27 @@ def _measure(config, steps: int, warmup: int, peak: float | None) -> dict:
   bytes_per_image = sum(v.nbytes for v in local.values()) / (rows[1] - rows[0])
   batch = train.global_batch(scheme, local, batch_size)
   lr = float(config.optimizer.learning_rate)
-  base_rng = jax.random.key(config.seed + 1)
-  rngs = [jax.random.fold_in(base_rng, i) for i in range(warmup + steps + 1)]
-  jax.block_until_ready((state, batch, rngs))
-
+  rng = jax.random.key(config.seed + 1)
+  jax.block_until_ready((state, batch))
   start = time.perf_counter()
-  compiled = train_step.lower(state, batch, lr, rngs[0]).compile()
-  compile_s = time.perf_counter() - start
+  compiled = train_step.lower(state, batch, lr, rng).compile()
+  return {'step': compiled, 'state': state, 'batch': batch, 'lr': lr,
+          'rng': rng, 'compile_s': time.perf_counter() - start,
+          'model': model, 'devices': devices, 'image_size': image_size,
+          'bytes_per_image': bytes_per_image}
+
+
+def _measure(config, steps: int, warmup: int, peak: float | None) -> dict:
+  import jax
+  from alexnet_jax import flops, models
+  built = compiled_step(config)
+  compiled, state, batch, lr = (built['step'], built['state'], built['batch'],
+                                built['lr'])
+  model, devices, image_size = (built['model'], built['devices'],
+                                built['image_size'])
+  batch_size = config.batch_size
+  rngs = [jax.random.fold_in(built['rng'], i) for i in range(warmup + steps)]
+  compile_s, bytes_per_image = built['compile_s'], built['bytes_per_image']
 
   for rng in rngs[:warmup]:
     state, metrics = compiled(state, batch, lr, rng)
@@ -157,7 +174,9 @@ def _measure(config, steps: int, warmup: int, peak: float | None) -> dict:
       'platform': devices[0].platform,
       'device_kind': device_kind,
       'dtype': config.model.dtype,
-      'conv1': models.conv1_mode(model.conv1, devices[0].platform),
+      **{field: models.lowering(field, getattr(model, field),
+                                devices[0].platform)
+         for field in models.LOWERINGS},
       'batch_size': batch_size,
       'image_size': image_size,
       'steps': steps,
@@ -183,7 +202,8 @@ def format_result(r: dict) -> str:
          'TFLOP/s per device')
   return '\n'.join([
       f"{r['variant']} {r['parallelism']} on {r['devices']} "
-      f"{r['device_kind']}, {r['dtype']}, conv1 {r['conv1']}, batch "
+      f"{r['device_kind']}, {r['dtype']}, conv1 {r['conv1']}, grouped "
+      f"convolutions {r['grouped_conv']}, pooling {r['pooling']}, batch "
       f"{r['batch_size']} of {r['image_size']}x{r['image_size']}",
       f"images/s       {r['img_per_s']:,.1f}",
       f"ms per step    {r['step_ms']:.2f} median of {r['steps']} "

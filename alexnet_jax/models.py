@@ -19,6 +19,7 @@ float32 parameters, not their bfloat16 copies, to per-device values).
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Sequence
 
 import flax.linen as nn
@@ -74,13 +75,44 @@ PAPER_BIAS_ONE = ('conv2', 'conv4', 'conv5', 'fc6', 'fc7')
 CONV_LAYERS = ('conv1', 'conv2', 'conv3', 'conv4', 'conv5')
 FC_LAYERS = ('fc6', 'fc7', 'fc8')
 
-# How conv1 is computed. 'direct': an 11x11 stride-4 convolution over 3
-# channels, which fills a GPU's matrix units poorly; 'space_to_depth': the
-# same function as a 3x3 stride-1 convolution over 4x4 blocks of pixels
-# folded into 48 channels; 'auto': space-to-depth on accelerators, direct on
-# the CPU (docs/benchmarks.md has the measurements behind both).
-CONV1_MODES = ('auto', 'direct', 'space_to_depth')
+# How some operations are computed, chosen per platform: each choice is the
+# same function with the same parameters (tests/test_lowerings.py), and
+# docs/benchmarks.md has the measurements behind the defaults. Field: (its
+# choices, what 'auto' means on the CPU, and on accelerators).
+#   conv1: 'direct', an 11x11 stride-4 convolution over 3 channels, which
+#     fills a GPU's matrix units poorly, or 'space_to_depth', a 3x3 stride-1
+#     convolution over 4x4 blocks of pixels folded into 48 channels.
+#   grouped_conv: the column-grouped convolutions (conv2, conv4, conv5 of the
+#     two-column network on one device) as one convolution with a feature
+#     group count, or 'split' into one per group, concatenated: XLA's CPU
+#     backend computes the grouped form's backward pass about ten times
+#     slower.
+#   pooling: XLA's 'reduce_window', whose gradient is a select-and-scatter,
+#     or the maximum of 'strided' slices with its gradient written out
+#     (`strided_max_pool`): on the CPU, XLA expands select-and-scatter into
+#     index tensors and a scatter.
+LOWERINGS = {
+    'conv1': (('direct', 'space_to_depth'), 'direct', 'space_to_depth'),
+    'grouped_conv': (('grouped', 'split'), 'split', 'grouped'),
+    'pooling': (('reduce_window', 'strided'), 'strided', 'reduce_window'),
+}
 
+
+def lowering_choices(field: str) -> tuple[str, ...]:
+  return ('auto',) + LOWERINGS[field][0]
+
+
+def lowering(field: str, mode: str, platform: str | None = None) -> str:
+  """How `field` ('conv1', 'grouped_conv', 'pooling') is computed: `mode`,
+  with 'auto' resolved for `platform` (JAX's default backend if None)."""
+  choices, on_cpu, on_accelerators = LOWERINGS[field]
+  if mode == 'auto':
+    platform = platform or jax.default_backend()
+    return on_cpu if platform == 'cpu' else on_accelerators
+  if mode not in choices:
+    raise ValueError(f'model.{field} must be one of '
+                     f'{lowering_choices(field)}, got {mode!r}')
+  return mode
 
 def lrn(x: jax.Array, *, n: int = 5, k: float = 2.0, alpha: float = 1e-4,
         beta: float = 0.75) -> jax.Array:
@@ -191,15 +223,88 @@ class SpaceToDepthConv(nn.Module):
     return y + bias
 
 
-def conv1_mode(mode: str, platform: str | None = None) -> str:
-  """'direct' or 'space_to_depth': `mode` with 'auto' resolved for
-  `platform` (JAX's default backend if None)."""
-  if mode not in CONV1_MODES:
-    raise ValueError(f'model.conv1 must be one of {CONV1_MODES}, got {mode!r}')
-  if mode != 'auto':
-    return mode
-  platform = platform or jax.default_backend()
-  return 'direct' if platform == 'cpu' else 'space_to_depth'
+def _window_slices(x: jax.Array, window: int, stride: int):
+  """The window's (row, column) offsets and, for each, the strided slice of
+  `x` [B, H, W, C] that holds that element of every pooling window."""
+  rows = (x.shape[1] - window) // stride + 1
+  cols = (x.shape[2] - window) // stride + 1
+  for di in range(window):
+    for dj in range(window):
+      yield di, dj, x[:, di:di + stride * (rows - 1) + 1:stride,
+                      dj:dj + stride * (cols - 1) + 1:stride]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
+def strided_max_pool(x: jax.Array, window: int, stride: int) -> jax.Array:
+  """VALID max-pooling of [B, H, W, C] as the maximum of window * window
+  strided slices: `nn.max_pool(x, (window,) * 2, (stride,) * 2)`.
+
+  Its gradient goes, as select-and-scatter sends it, to the first maximum of
+  each window in row-major order, written as elementwise selects and strided
+  pads that XLA fuses, with no index tensors or scatter."""
+  return functools.reduce(jnp.maximum, (s for _, _, s in _window_slices(
+      x, window, stride)))
+
+
+def _strided_max_pool_fwd(x, window, stride):
+  y = strided_max_pool(x, window, stride)
+  return y, (x, y)
+
+
+def _strided_max_pool_bwd(window, stride, residuals, g):
+  x, y = residuals
+  taken = jnp.zeros(y.shape, bool)
+  dx = jnp.zeros_like(x)
+  zero = jnp.zeros((), x.dtype)
+  for di, dj, s in _window_slices(x, window, stride):
+    first = (s == y) & ~taken
+    taken = taken | first
+    # The window element (di, dj) of output (r, c) is input
+    # (di + stride * r, dj + stride * c): interior padding places it there.
+    dx = dx + lax.pad(jnp.where(first, g, zero).astype(x.dtype), zero, [
+        (0, 0, 0),
+        (di, x.shape[1] - di - stride * (y.shape[1] - 1) - 1, stride - 1),
+        (dj, x.shape[2] - dj - stride * (y.shape[2] - 1) - 1, stride - 1),
+        (0, 0, 0)])
+  return (dx,)
+
+
+strided_max_pool.defvjp(_strided_max_pool_fwd, _strided_max_pool_bwd)
+
+
+class SplitGroupConv(nn.Module):
+  """`nn.Conv(feature_group_count=groups)`, parameters and all, computed as
+  one ungrouped convolution per group: group g's kernels see only group g's
+  input maps, so the kernel's output features split the same way."""
+
+  features: int
+  kernel_size: int
+  padding: int
+  groups: int
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+  kernel_init: Any = nn.initializers.lecun_normal()
+  bias_init: Any = nn.initializers.zeros
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    k, p, g = self.kernel_size, self.padding, self.groups
+    # Declared as nn.Conv declares them, so the tree and the initial values
+    # are the grouped convolution's.
+    kernel = self.param('kernel', self.kernel_init,
+                        (k, k, x.shape[-1] // g, self.features),
+                        self.param_dtype)
+    bias = self.param('bias', self.bias_init, (self.features,),
+                      self.param_dtype)
+    x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias,
+                                              dtype=self.dtype)
+    y = jnp.concatenate([
+        lax.conv_general_dilated(
+            xg, kg, (1, 1), ((p, p), (p, p)),
+            dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+        for xg, kg in zip(jnp.split(x, g, axis=-1),
+                          jnp.split(kernel, g, axis=-1))], axis=-1)
+    return y + bias
 
 
 def feature_map_sizes(image_size: int, variant: str, pool_window: int = 3,
@@ -248,8 +353,9 @@ class AlexNet(nn.Module):
     pool_window, pool_stride: 3/2 is the paper's overlapping pooling.
     init_scheme: 'paper' (N(0, 0.01), biases 1 in conv2/4/5, fc6/7) or 'he'.
     activation: 'relu' (section 3.1) or 'tanh' (Figure 1's comparison).
-    conv1: how conv1 is computed, one of CONV1_MODES; the same function and
-      parameters in every mode.
+    conv1, grouped_conv, pooling: how conv1, the column-grouped
+      convolutions and max-pooling are computed (LOWERINGS); the same
+      function and parameters whatever the choice.
 
   Partition fields (set by `alexnet_jax.parallel`; defaults = one device):
     column_axis: mesh axis holding the columns of the 'original' network; each
@@ -278,6 +384,8 @@ class AlexNet(nn.Module):
   init_scheme: str = 'paper'
   activation: str = 'relu'
   conv1: str = 'auto'
+  grouped_conv: str = 'auto'
+  pooling: str = 'auto'
   column_axis: AxisName = None
   column_shards: int = 1
   fc_axis: AxisName = None
@@ -300,6 +408,11 @@ class AlexNet(nn.Module):
 
   def _conv(self, x, layer, features, kernel, padding, groups=1, stride=1):
     kernel_init, bias_init = _initializers(self.init_scheme, layer)
+    if groups > 1 and lowering('grouped_conv', self.grouped_conv) == 'split':
+      return SplitGroupConv(features, kernel, padding, groups,
+                            dtype=self.dtype, param_dtype=self.param_dtype,
+                            kernel_init=kernel_init, bias_init=bias_init,
+                            name=layer)(x)
     return nn.Conv(features, (kernel, kernel), strides=(stride, stride),
                    padding=((padding, padding), (padding, padding)),
                    feature_group_count=groups, dtype=self.dtype,
@@ -313,6 +426,8 @@ class AlexNet(nn.Module):
                     name=layer)(x)
 
   def _pool(self, x):
+    if lowering('pooling', self.pooling) == 'strided':
+      return strided_max_pool(x, self.pool_window, self.pool_stride)
     return nn.max_pool(x, (self.pool_window,) * 2, (self.pool_stride,) * 2)
 
   def _lrn(self, x, columns):
@@ -356,7 +471,7 @@ class AlexNet(nn.Module):
     act = ACTIVATIONS[self.activation]
 
     x = images.astype(self.dtype)
-    if conv1_mode(self.conv1) == 'space_to_depth':
+    if lowering('conv1', self.conv1) == 'space_to_depth':
       kernel_init, bias_init = _initializers(self.init_scheme, 'conv1')
       x = SpaceToDepthConv(c1, 11, 4, arch.conv1_padding, dtype=self.dtype,
                            param_dtype=self.param_dtype,
@@ -472,4 +587,6 @@ def from_config(config) -> AlexNet:
       pool_stride=m.pool_stride, init_scheme=m.init_scheme,
       # Absent from the config.json of runs older than the field.
       activation=m.get('activation', 'relu'),
-      conv1=m.get('conv1', 'auto'))
+      conv1=m.get('conv1', 'auto'),
+      grouped_conv=m.get('grouped_conv', 'auto'),
+      pooling=m.get('pooling', 'auto'))

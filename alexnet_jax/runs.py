@@ -236,15 +236,17 @@ def start_from(workdir: str, config, params, shardings
 
 
 # The fields a run resumed from its workdir may change: where and on how many
-# devices it runs (and so how conv1 is lowered), for how long, how often it
-# logs and checkpoints, and how its input is read. The others define the network, the data each step sees
+# devices it runs (and so how some operations are lowered, which computes the
+# same function), for how long, how often it logs and checkpoints, and how
+# its input is read. The others define the network, the data each step sees
 # and the optimization (the evaluation cadence feeds the plateau schedule),
 # which the checkpoints continue only as they are.
 RESUMABLE_CHANGES = (
     'parallelism', 'mesh_shape', 'num_devices', 'cpu_devices', 'num_epochs',
     'num_train_steps', 'log_every_steps', 'checkpoint_every_steps',
     'max_checkpoints_to_keep', 'eval_batch_size', 'input.workers',
-    'input.processes', 'store_dir', 'init_from', 'model.conv1')
+    'input.processes', 'store_dir', 'init_from',
+    *(f'model.{field}' for field in models.LOWERINGS))
 
 
 def _flat(tree: dict, prefix: str = '') -> dict:

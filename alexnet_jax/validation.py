@@ -68,7 +68,8 @@ def check_config(config) -> None:
   _choice(config, 'model.lrn', ('default', 'on', 'off'))
   _choice(config, 'model.init_scheme', ('paper', 'he'))
   _choice(config, 'model.activation', models.ACTIVATIONS)
-  _choice(config, 'model.conv1', models.CONV1_MODES)
+  for field in models.LOWERINGS:
+    _choice(config, f'model.{field}', models.lowering_choices(field))
   _choice(config, 'input.normalization', augment.NORMALIZATIONS)
   _choice(config, 'trainable', TRAINABLE)
   _choice(config, 'dataset', data.DATASETS)

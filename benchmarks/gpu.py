@@ -6,7 +6,10 @@ on a machine with one GPU (at most 7 minutes, compilation included) times
 
   * the project's step (`alexnet_jax.benchmark.measure`) for 'owt' and
     'original' at batch 128 and 512, in bfloat16 and float32, with conv1
-    direct and by space-to-depth;
+    direct and by space-to-depth, and both networks also with the CPU's
+    lowerings of the grouped convolutions and max-pooling (split groups,
+    strided pooling), so that choosing them there is seen not to cost the
+    GPU;
   * the same two networks in PyTorch (benchmarks/torch_reference.py): eager
     float32, eager bfloat16 autocast and torch.compile bfloat16;
 
@@ -27,23 +30,17 @@ it; it never writes the committed document.
 
 import datetime
 import gc
-import importlib.metadata
-import json
 import os
 import platform
 import subprocess
 import sys
-import tempfile
 import time
 
 from absl import app, flags
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# The package and configs/ from this checkout, as `python -m` from the
-# repository root has them.
-sys.path.insert(0, REPO_ROOT)
+import common  # beside this file; puts the checkout's package on the path
 
-DOC = os.path.join(REPO_ROOT, 'docs', 'benchmarks.md')
+DOC = common.DOC
 BEGIN = '<!-- gpu-suite:begin -->'
 END = '<!-- gpu-suite:end -->'
 
@@ -64,9 +61,13 @@ JAX_MODES = (('bfloat16', 'space_to_depth'), ('bfloat16', 'direct'),
 FULL = {
     'width': 1.0, 'image_size': 0, 'num_classes': 1000, 'steps': 30,
     'warmup': 5, 'compile_backend': 'inductor',
-    # (variant, batch, dtype, conv1) and (variant, mode, batch).
-    'jax': [(v, b, d, c) for d, c in JAX_MODES for v in VARIANTS
-            for b in BATCHES],
+    # (variant, batch, dtype, conv1, lowerings of the grouped
+    # convolutions and pooling: 'auto' or the CPU's) and (variant, mode,
+    # batch).
+    'jax': [(v, b, d, c, 'auto') for d, c in JAX_MODES for v in VARIANTS
+            for b in BATCHES]
+           + [(v, b, 'bfloat16', 'space_to_depth', 'cpu') for v in VARIANTS
+              for b in BATCHES],
     'torch': [(v, m, b) for v in VARIANTS for m in TORCH_MODES
               for b in BATCHES],
 }
@@ -76,54 +77,33 @@ FULL = {
 TINY = {
     'width': 0.25, 'image_size': 67, 'num_classes': 10, 'steps': 2,
     'warmup': 1, 'compile_backend': 'eager',
-    'jax': [('owt', 2, 'bfloat16', 'space_to_depth'),
-            ('original', 4, 'float32', 'direct')],
+    'jax': [('owt', 2, 'bfloat16', 'space_to_depth', 'auto'),
+            ('original', 4, 'float32', 'direct', 'auto')],
     'torch': [('owt', 'eager-fp32', 2), ('owt', 'compile-bf16', 2),
               ('original', 'eager-bf16', 4)],
 }
 
 
 def _run_torch(sizes: dict, steps: int, timeout: float) -> dict:
-  """torch_reference.py's JSON object, from a process of its own."""
-  with tempfile.TemporaryDirectory() as tmp:
-    rows_path = os.path.join(tmp, 'rows.jsonl')
-    command = [
-        sys.executable, os.path.join(REPO_ROOT, 'benchmarks',
-                                     'torch_reference.py'),
-        '--runs=' + ','.join(f'{v}:{m}:{b}' for v, m, b in sizes['torch']),
-        f'--compile_backend={sizes["compile_backend"]}', f'--steps={steps}',
-        f'--warmup={sizes["warmup"]}',
-        f'--width={sizes["width"]}', f'--image_size={sizes["image_size"]}',
-        f'--num_classes={sizes["num_classes"]}', f'--rows={rows_path}']
-    try:
-      done = subprocess.run(command, capture_output=True, text=True,
-                            timeout=max(timeout, 1), check=False)
-      output = done.stdout + done.stderr
-      failed = done.returncode != 0
-    except subprocess.TimeoutExpired as e:
-      partial = e.stdout or b''
-      if isinstance(partial, bytes):
-        partial = partial.decode(errors='replace')
-      output = f'{partial}\ntimed out after {timeout:.0f} s'
-      failed = True
-    print(output if failed else done.stdout, flush=True)
-    rows = []
-    if os.path.exists(rows_path):
-      with open(rows_path) as f:
-        rows = [json.loads(line) for line in f if line.strip()]
-  header = rows[0]['environment'] if rows else {}
-  return {**header, 'rows': [r['row'] for r in rows],
-          'error': output.strip().splitlines()[-1] if failed else None}
+  return common.run_torch(
+      sizes['torch'], steps=steps, warmup=sizes['warmup'],
+      width=sizes['width'], image_size=sizes['image_size'],
+      num_classes=sizes['num_classes'],
+      compile_backend=sizes['compile_backend'], timeout=timeout)
 
 
-def _jax_config(variant: str, dtype: str, conv1: str, batch: int,
-                sizes: dict):
+def _jax_config(variant: str, dtype: str, conv1: str, lowerings: str,
+                batch: int, sizes: dict):
   from configs import one_gpu
   config = one_gpu.get_config()
   config.dataset = 'synthetic'
   config.model.variant = variant
   config.model.dtype = dtype
   config.model.conv1 = conv1
+  if lowerings == 'cpu':
+    from alexnet_jax import models
+    for field in ('grouped_conv', 'pooling'):
+      config.model[field] = models.lowering(field, 'auto', 'cpu')
   config.model.width = sizes['width']
   config.model.num_classes = sizes['num_classes']
   config.image_size = sizes['image_size'] or -1
@@ -135,16 +115,17 @@ def _run_jax(sizes: dict, steps: int, deadline: float) -> tuple[list, list]:
   """(rows measured, runs left out for the time budget)."""
   from alexnet_jax import benchmark
   rows, skipped = [], []
-  for variant, batch, dtype, conv1 in sizes['jax']:
+  for variant, batch, dtype, conv1, lowerings in sizes['jax']:
     what = {'variant': variant, 'batch_size': batch, 'dtype': dtype,
-            'conv1': conv1}
+            'conv1': conv1, 'lowerings': lowerings}
     if time.monotonic() > deadline:
       skipped.append(what)
       continue
-    config = _jax_config(variant, dtype, conv1, batch, sizes)
+    config = _jax_config(variant, dtype, conv1, lowerings, batch, sizes)
     row = benchmark.measure(config, steps=steps, warmup=sizes['warmup'])
     rows.append(row)
-    print(f"jax {variant} {dtype} conv1 {conv1} batch {batch}: "
+    print(f"jax {variant} {dtype} conv1 {conv1} grouped "
+          f"{row['grouped_conv']} pooling {row['pooling']} batch {batch}: "
           f"{row['img_per_s']:,.1f} img/s, {row['step_ms']:.2f} ms/step, "
           f"compile {row['compile_s']:.1f} s", flush=True)
     gc.collect()
@@ -164,31 +145,17 @@ def _gpu_and_driver() -> str:
            f'{os.cpu_count()} CPU cores)'
 
 
-def _versions(torch_info: dict) -> str:
-  found = [f'Python {platform.python_version()}']
-  for name in ('jax', 'jaxlib', 'jax-cuda12-plugin', 'jax-cuda13-plugin',
-               'flax', 'optax', 'nvidia-cudnn-cu12', 'nvidia-cudnn-cu13'):
-    try:
-      found.append(f'{name} {importlib.metadata.version(name)}')
-    except importlib.metadata.PackageNotFoundError:
-      pass
-  if torch_info.get('torch'):
-    found.append(f"torch {torch_info['torch']}")
-  if torch_info.get('cuda'):
-    found.append(f"(CUDA {torch_info['cuda']}, cuDNN {torch_info['cudnn']})")
-  return ', '.join(found)
-
-
-def _number(value: float) -> str:
-  return f'{value:,.0f}' if value >= 100 else f'{value:,.1f}'
-
-
 def format_table(torch_info: dict, jax_rows: list, skipped: list,
                  sizes: dict, command: str, elapsed: float) -> str:
   torch_ips = {(r['variant'], r['batch_size'], r['mode']): r['img_per_s']
                for r in torch_info['rows']}
+  # The main table has the platform's own lowerings of the grouped
+  # convolutions and pooling; the others appear among every run below.
+  from alexnet_jax import models
   jax_by = {(r['variant'], r['batch_size'], r['dtype'], r['conv1']): r
-            for r in jax_rows}
+            for r in jax_rows if all(
+                r[f] == models.lowering(f, 'auto', r['platform'])
+                for f in ('grouped_conv', 'pooling'))}
   modes = sorted(JAX_MODES, key=lambda m: (m[0] != 'float32', m[1]))
   short = {'bfloat16': 'bf16', 'float32': 'fp32',
            'space_to_depth': 's2d', 'direct': 'direct'}
@@ -196,7 +163,7 @@ def format_table(torch_info: dict, jax_rows: list, skipped: list,
       f'Measured {datetime.date.today().isoformat()} with `{command}` in '
       f'{elapsed:.0f} s, compilation included.', '',
       f'- Device: {_gpu_and_driver()}',
-      f'- Libraries: {_versions(torch_info)}', '',
+      f'- Libraries: {common.versions(torch_info)}', '',
       'Training images/s, one synthetic batch resident on the device, full '
       'step (forward, loss, backward, SGD with momentum and weight decay); '
       'median of the timed steps. In brackets: the ratio to the best PyTorch '
@@ -205,13 +172,13 @@ def format_table(torch_info: dict, jax_rows: list, skipped: list,
       + ' | ' + ' | '.join(f'JAX {short[d]} conv1 {short[c]}'
                            for d, c in modes) + ' | best JAX MFU |',
       '|---|---|' + '---|' * (len(TORCH_MODES) + len(modes) + 1)]
-  pairs = {(v, b) for v, b, _, _ in sizes['jax']} | {
+  pairs = {(v, b) for v, b, *_ in sizes['jax']} | {
       (v, b) for v, _, b in sizes['torch']}
   for variant in VARIANTS:
     for batch in sorted(b for v, b in pairs if v == variant):
       peers = [torch_ips.get((variant, batch, m)) for m in TORCH_MODES]
       best_peer = max((p for p in peers if p), default=None)
-      cells = [_number(p) if p else 'not run' for p in peers]
+      cells = [common.number(p) if p else 'not run' for p in peers]
       mfus = []
       for dtype, conv1 in modes:
         row = jax_by.get((variant, batch, dtype, conv1))
@@ -220,50 +187,37 @@ def format_table(torch_info: dict, jax_rows: list, skipped: list,
           continue
         ratio = (f" ({row['img_per_s'] / best_peer:.2f}x)" if best_peer
                  else '')
-        cells.append(_number(row['img_per_s']) + ratio)
+        cells.append(common.number(row['img_per_s']) + ratio)
         if row['mfu'] is not None:
           mfus.append(row['mfu'])
       mfu = f'{100 * max(mfus):.1f}%' if mfus else 'null'
       lines.append(f'| {variant} | {batch} | ' + ' | '.join(cells)
                    + f' | {mfu} |')
   lines += ['', 'Every JAX run:', '',
-            '| model | batch | dtype | conv1 | img/s | ms/step (fastest - '
-            'slowest) | compile s | peak memory GiB | MFU |',
-            '|---|---|---|---|---|---|---|---|---|']
+            '| model | batch | dtype | conv1 | grouped convolutions | pooling '
+            '| img/s | ms/step (fastest - slowest) | compile s | peak memory '
+            'GiB | MFU |',
+            '|---|---|---|---|---|---|---|---|---|---|---|']
   for r in jax_rows:
     memory = ('-' if r['peak_memory_bytes'] is None
               else f"{r['peak_memory_bytes'] / 2**30:.2f}")
     mfu = '-' if r['mfu'] is None else f"{100 * r['mfu']:.1f}%"
     lines.append(
         f"| {r['variant']} | {r['batch_size']} | {r['dtype']} | "
-        f"{r['conv1']} | {_number(r['img_per_s'])} | {r['step_ms']:.2f} "
+        f"{r['conv1']} | {r['grouped_conv']} | {r['pooling']} | "
+        f"{common.number(r['img_per_s'])} | "
+        f"{r['step_ms']:.2f} "
         f"({r['step_ms_min']:.2f} - {r['step_ms_max']:.2f}) | "
         f"{r['compile_s']:.1f} | {memory} | {mfu} |")
   if skipped:
     lines += ['', f'Not run (past the {FLAGS.budget_s} s budget): '
               + '; '.join(f"{s['variant']} batch {s['batch_size']} "
-                          f"{s['dtype']} conv1 {s['conv1']}" for s in skipped)
+                          f"{s['dtype']} conv1 {s['conv1']} lowerings "
+                          f"{s['lowerings']}" for s in skipped)
               + '.']
   if torch_info.get('error'):
     lines += ['', f"PyTorch stopped early: {torch_info['error']}"]
   return '\n'.join(lines)
-
-
-def write_between_markers(path: str, table: str) -> None:
-  """Replaces what lies between BEGIN and END in `path` (a new file holds
-  only the markers and the table)."""
-  text = f'{BEGIN}\n{END}\n'
-  if os.path.exists(path):
-    with open(path) as f:
-      text = f.read()
-  if BEGIN not in text or END not in text:
-    raise ValueError(f'{path} has no {BEGIN} ... {END} markers to write '
-                     'the table between')
-  head, rest = text.split(BEGIN, 1)
-  _, tail = rest.split(END, 1)
-  with open(path + '.tmp', 'w') as f:
-    f.write(f'{head}{BEGIN}\n{table}\n{END}{tail}')
-  os.replace(path + '.tmp', path)
 
 
 def main(argv):
@@ -284,7 +238,7 @@ def main(argv):
   command = 'python benchmarks/gpu.py' + (' --tiny' if FLAGS.tiny else '')
   table = format_table(torch_info, jax_rows, skipped, sizes, command,
                        time.monotonic() - start)
-  write_between_markers(out, table)
+  common.write_between_markers(out, BEGIN, END, table)
   print(table)
   print(f'written into {out}')
 

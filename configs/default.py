@@ -36,10 +36,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model.pool_stride = 2
   c.model.init_scheme = 'paper'       # 'paper' or 'he'
   c.model.activation = 'relu'         # 'relu' (section 3.1) or 'tanh'
-  # conv1 as an 11x11 stride-4 conv ('direct') or as a 3x3 conv over 4x4
-  # pixel blocks ('space_to_depth'): the same function and parameters; 'auto'
-  # picks the faster one for the platform (docs/benchmarks.md).
-  c.model.conv1 = 'auto'
+  # How conv1, the grouped convolutions and max-pooling are computed: the
+  # same function and parameters in every choice; 'auto' takes the faster
+  # one for the platform (models.LOWERINGS, docs/benchmarks.md).
+  c.model.conv1 = 'auto'              # 'direct' or 'space_to_depth'
+  c.model.grouped_conv = 'auto'       # 'grouped' or 'split'
+  c.model.pooling = 'auto'            # 'reduce_window' or 'strided'
 
   c.dataset = 'imagenet2012'          # 'imagenet2012', 'folder', 'digits', 'synthetic'
   # The prepared 256x256 store (python -m alexnet_jax.prepare --out=...).

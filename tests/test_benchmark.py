@@ -148,3 +148,32 @@ def test_gpu_suite_tiny_mode(tmp_path):
       check=False)
   assert refused.returncode != 0
   assert '--out' in refused.stderr
+
+
+def test_cpu_suite_tiny_mode(tmp_path):
+  out = tmp_path / 'benchmarks.md'
+  out.write_text('<!-- cpu-step:begin -->\nold\n<!-- cpu-step:end -->\n')
+  doc = os.path.join(REPO_ROOT, 'docs', 'benchmarks.md')
+  before = open(doc).read()
+  done = subprocess.run(
+      [sys.executable, 'benchmarks/cpu.py', '--tiny', f'--out={out}',
+       '--profile', '--repeats=1'], cwd=REPO_ROOT, env=command_env(),
+      capture_output=True, text=True, timeout=600, check=False)
+  assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+  text = out.read_text()
+  assert 'old' not in text and 'PyTorch stopped early' not in text, text
+  (row,) = [line for line in text.splitlines()
+            if line.startswith('| original, tiny')]
+  peer, xla, auto, ratio = (c.strip() for c in row.split('|')[3:7])
+  assert 'not run' not in (peer, xla, auto) and ratio.endswith('x'), row
+  # The profile's classes add up to its total, and the convolutions and
+  # pooling of both passes are among them.
+  profile = text.split('Where the original')[1].splitlines()
+  shares = {c[1].strip(): float(c[2]) for c in
+            (line.split('|') for line in profile if line.startswith('| '))
+            if c[2].strip() not in ('ms', '---')}
+  total = shares.pop('all')
+  assert sum(shares.values()) == pytest.approx(total, abs=0.05)
+  assert {'convolutions (forward)', 'convolutions (backward)',
+          'max-pooling (backward)', 'LRN (forward)'} <= set(shares), shares
+  assert open(doc).read() == before

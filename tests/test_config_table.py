@@ -67,6 +67,8 @@ IMPOSSIBLE = {
     'model.init_scheme': ('xavier',),
     'model.activation': ('sigmoid',),
     'model.conv1': ('winograd',),
+    'model.grouped_conv': ('depthwise',),
+    'model.pooling': ('average',),
     'input.normalization': ('per_pixel',),
     # 'head' needs init_from: a new classifier on nothing trained.
     'trainable': ('conv', 'head'),

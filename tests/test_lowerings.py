@@ -1,4 +1,8 @@
-"""conv1 by space-to-depth is the direct convolution, in every scheme.
+"""The lowerings chosen per platform compute the same function.
+
+conv1 by space-to-depth is the direct convolution, in every scheme; the
+column-grouped convolutions split into one convolution per group are the
+grouped ones.
 
 `model.conv1='space_to_depth'` folds 4x4 pixel blocks into channels and the
 stored 11x11 kernel into a 3x3 one inside the forward pass. As a
@@ -19,6 +23,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 import test_parallel
@@ -127,8 +132,96 @@ def test_same_loss_and_gradients_in_every_scheme(direct, case):
 
 
 def test_auto_follows_the_platform():
-  assert models.conv1_mode('auto', 'cpu') == 'direct'
-  assert models.conv1_mode('auto', 'gpu') == 'space_to_depth'
-  assert models.conv1_mode('direct', 'gpu') == 'direct'
+  assert models.lowering('conv1', 'auto', 'cpu') == 'direct'
+  assert models.lowering('conv1', 'auto', 'gpu') == 'space_to_depth'
+  assert models.lowering('conv1', 'direct', 'gpu') == 'direct'
+  assert models.lowering('grouped_conv', 'auto', 'cpu') == 'split'
+  assert models.lowering('grouped_conv', 'auto', 'gpu') == 'grouped'
+  assert models.lowering('pooling', 'auto', 'cpu') == 'strided'
+  assert models.lowering('pooling', 'auto', 'tpu') == 'reduce_window'
   with pytest.raises(ValueError, match='model.conv1'):
-    models.conv1_mode('winograd')
+    models.lowering('conv1', 'winograd')
+
+
+def test_split_grouped_convolutions_are_the_grouped_ones():
+  # Same parameters (tree and initial values), logits and every gradient.
+  model = models.AlexNet(variant='original', width=0.25, num_classes=10,
+                         init_scheme='he', dropout_rate=0.0)
+  images = jax.random.normal(jax.random.key(0), (4, 67, 67, 3))
+  labels = jnp.arange(4) % 10
+
+  @jax.jit
+  def run():
+    out = {}
+    for mode in ('grouped', 'split'):
+      net = model.clone(grouped_conv=mode)
+      params = net.init(jax.random.key(1), images, train=False)['params']
+      loss = lambda p: optax.softmax_cross_entropy_with_integer_labels(
+          net.apply({'params': p}, images, train=False), labels).mean()
+      out[mode] = (params, net.apply({'params': params}, images, train=False),
+                   jax.grad(loss)(params))
+    return out
+
+  out = run()
+  (params, logits, grads), (split_params, split_logits, split_grads) = (
+      out['grouped'], out['split'])
+  assert jax.tree.structure(params) == jax.tree.structure(split_params)
+  for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(split_params)):
+    np.testing.assert_array_equal(a, b)
+  assert params['conv2']['kernel'].shape == (5, 5, 12, 64)  # per group
+  test_parallel.assert_close(split_logits, logits, 'logits')
+  test_parallel.assert_trees_close(split_grads, grads, 'gradient')
+
+
+
+@pytest.mark.parametrize('window,stride,size', [(3, 2, 13), (3, 2, 12),
+                                                (2, 2, 11)])
+def test_strided_pooling_is_reduce_window_pooling(window, stride, size):
+  # The values, and the gradient to the first maximum of each window, ties
+  # included: after a ReLU most windows of zeros are ties.
+  x = jax.nn.relu(jax.random.normal(jax.random.key(0), (2, size, size, 5)))
+  x = x.at[0, :4, :4, 0].set(1.0)  # ties among positive values too
+  weights = jax.random.normal(jax.random.key(1), ((size - window) // stride
+                                                  + 1,) * 2 + (5,))
+  pools = {
+      'reduce_window': lambda x: nn.max_pool(x, (window,) * 2, (stride,) * 2),
+      'strided': lambda x: models.strided_max_pool(x, window, stride)}
+  results = {name: jax.jit(jax.value_and_grad(
+      lambda x, pool=pool: jnp.sum(pool(x) * weights)))(x)
+             for name, pool in pools.items()}
+  (want, want_grad), (got, got_grad) = (results['reduce_window'],
+                                        results['strided'])
+  np.testing.assert_array_equal(got, want)
+  # The same input chosen in every window; where two overlapping windows
+  # choose one input its two shares are added in another order.
+  np.testing.assert_array_equal(got_grad != 0, want_grad != 0)
+  np.testing.assert_allclose(got_grad, want_grad, rtol=1e-6, atol=1e-6)
+
+
+def test_the_network_in_every_lowering_is_the_same():
+  # All three choices at once against all three defaults of the other
+  # platform, on the whole original network: logits and every gradient.
+  model = models.AlexNet(variant='original', width=0.25, num_classes=10,
+                         init_scheme='he', dropout_rate=0.0)
+  images = jax.random.normal(jax.random.key(0), (4, 67, 67, 3))
+  labels = jnp.arange(4) % 10
+  cpu = {f: models.LOWERINGS[f][1] for f in models.LOWERINGS}
+  accelerator = {f: models.LOWERINGS[f][2] for f in models.LOWERINGS}
+
+  @jax.jit
+  def run():
+    out = []
+    for choice in (cpu, accelerator):
+      net = model.clone(**choice)
+      params = net.init(jax.random.key(1), images, train=False)['params']
+      loss = lambda p: optax.softmax_cross_entropy_with_integer_labels(
+          net.apply({'params': p}, images, train=False), labels).mean()
+      out.append((params, net.apply({'params': params}, images, train=False),
+                  jax.grad(loss)(params)))
+    return out
+
+  (params, logits, grads), (other_params, other_logits, other_grads) = run()
+  for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(other_params)):
+    np.testing.assert_array_equal(a, b)
+  test_parallel.assert_close(other_logits, logits, 'logits')
+  test_parallel.assert_trees_close(other_grads, grads, 'gradient')
