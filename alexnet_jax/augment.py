@@ -11,9 +11,17 @@ reflections, and the softmax outputs are averaged.
 Every random function takes a `numpy.random.Generator` and draws from it in a
 fixed order, so an example's augmentation is a function of its generator only.
 Images are HWC arrays, pixels on the 0..255 scale.
+
+These functions are the specification. Training and evaluation run them
+elsewhere: the host draws an example's values (`train_draws`: the patch's
+position, the reflection, the lighting colour) and cuts the uint8 patch, and
+the accelerator does the arithmetic (`alexnet_jax.device_augment`) with the
+constants that `Preprocessing` describes.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import numpy as np
 
@@ -44,6 +52,41 @@ def normalization(name: str, mean_image: np.ndarray
                    f'{name!r}')
 
 
+@dataclasses.dataclass(frozen=True)
+class Preprocessing:
+  """What the accelerator needs, besides each example's values, to turn a
+  dataset's uint8 images into network inputs.
+
+  mean_image: [H, W, 3] float32, subtracted from the stored H x W images
+    (the training set's per-pixel mean, or torchvision's per-channel mean
+    repeated; see `normalization`).
+  scale: [3] float32, the per-channel factor applied last (ones for the
+    paper's normalisation).
+  size: the network input; training patches are cut on the host at the
+    offsets they ship, evaluation patches on the accelerator.
+  patches: the evaluation patches as (top, left, reflected): the centre, or
+    the ten of `ten_crop`.
+  """
+
+  mean_image: np.ndarray
+  scale: np.ndarray
+  size: int
+  patches: tuple[tuple[int, int, bool], ...]
+
+  @classmethod
+  def create(cls, name: str, mean_image: np.ndarray, size: int, *,
+             ten: bool = False) -> 'Preprocessing':
+    """The `name` normalisation (see `normalization`) of images shaped like
+    `mean_image`, with size x size patches."""
+    mean, scale = normalization(name, np.asarray(mean_image, np.float32))
+    height, width = mean.shape[:2]
+    patches = (ten_crop_positions(height, width, size) if ten
+               else (center_position(height, width, size) + (False,),))
+    return cls(np.ascontiguousarray(mean, np.float32),
+               np.ones(3, np.float32) if scale is None
+               else np.asarray(scale, np.float32), size, patches)
+
+
 def subtract_mean(image: np.ndarray, mean_image: np.ndarray) -> np.ndarray:
   """The image minus the training set's per-pixel mean image (section 2),
   as float32. Both are the full 256x256, before any patch is taken."""
@@ -58,22 +101,34 @@ def random_crop(image: np.ndarray, size: int,
   """A size x size patch at a position drawn uniformly from all of them
   (section 4.1: (256 - 224)^2 translations; 30 x 30 for 227). Draws the row
   offset, then the column offset."""
-  height, width = image.shape[:2]
+  top, left = crop_position(image.shape[:2], size, rng)
+  return image[top:top + size, left:left + size]
+
+
+def crop_position(shape: tuple[int, int], size: int,
+                  rng: np.random.Generator) -> tuple[int, int]:
+  """(top, left) of `random_crop`'s patch in an image of `shape`."""
+  height, width = shape
   if size > height or size > width:
     raise ValueError(f'a {size}x{size} patch does not fit in a '
                      f'{height}x{width} image')
   top = int(rng.integers(0, height - size + 1))
   left = int(rng.integers(0, width - size + 1))
-  return image[top:top + size, left:left + size]
+  return top, left
 
 
 def horizontal_reflection(image: np.ndarray,
                           rng: np.random.Generator) -> np.ndarray:
   """The image mirrored left-right with probability 1/2 (section 4.1); one
   uniform draw."""
-  if rng.random() < 0.5:
+  if reflection(rng):
     return _mirror(image)
   return image
+
+
+def reflection(rng: np.random.Generator) -> bool:
+  """Whether `horizontal_reflection` mirrors the image."""
+  return bool(rng.random() < 0.5)
 
 
 def _mirror(image: np.ndarray) -> np.ndarray:
@@ -97,38 +152,68 @@ def pca_lighting(image: np.ndarray, eigval: np.ndarray, eigvec: np.ndarray,
   are, while the images here are on the 0..255 scale: the added vector is
   therefore multiplied by 255. Returns float32.
   """
-  alpha = rng.normal(0.0, sigma, size=3)
-  rgb = 255.0 * (np.asarray(eigvec, np.float64)
-                 @ (alpha * np.asarray(eigval, np.float64)))
+  rgb = lighting_colour(eigval, eigvec, rng, sigma)
   height, width, channels = image.shape
   # The colour repeated along a whole row: broadcasting a 3-vector over the
   # last axis runs NumPy's inner loop 3 values at a time, about 10x slower.
-  row = np.tile(rgb.astype(np.float32), width)
+  row = np.tile(rgb, width)
   return np.add(image.reshape(height, width * channels), row,
                 dtype=np.float32).reshape(height, width, channels)
+
+
+def lighting_colour(eigval: np.ndarray, eigvec: np.ndarray,
+                    rng: np.random.Generator, sigma: float = 0.1
+                    ) -> np.ndarray:
+  """The colour `pca_lighting` adds, float32 [3] on the 0..255 scale."""
+  alpha = rng.normal(0.0, sigma, size=3)
+  rgb = 255.0 * (np.asarray(eigvec, np.float64)
+                 @ (alpha * np.asarray(eigval, np.float64)))
+  return rgb.astype(np.float32)
+
+
+def train_draws(shape: tuple[int, int], size: int, eigval: np.ndarray,
+                eigvec: np.ndarray, rng: np.random.Generator,
+                lighting_sigma: float = 0.1
+                ) -> tuple[int, int, bool, np.ndarray]:
+  """(top, left, reflected, lighting colour): the values `train_example`
+  draws from `rng`, in its order, for an image of `shape`."""
+  top, left = crop_position(shape, size, rng)
+  reflected = reflection(rng)
+  return top, left, reflected, lighting_colour(eigval, eigvec, rng,
+                                               lighting_sigma)
 
 
 def center_crop(image: np.ndarray, size: int) -> np.ndarray:
   """The central size x size patch; an odd margin leaves the extra row and
   column at the bottom and right."""
-  height, width = image.shape[:2]
-  top, left = (height - size) // 2, (width - size) // 2
+  top, left = center_position(*image.shape[:2], size)
   return image[top:top + size, left:left + size]
 
 
-def ten_crop(image: np.ndarray, size: int) -> np.ndarray:
-  """The ten test patches of section 4.1, as [10, size, size, C].
+def center_position(height: int, width: int, size: int) -> tuple[int, int]:
+  return (height - size) // 2, (width - size) // 2
 
-  Order: top-left, top-right, bottom-left, bottom-right, centre, then the
-  same five patches reflected horizontally.
-  """
-  height, width = image.shape[:2]
+
+def ten_crop(image: np.ndarray, size: int) -> np.ndarray:
+  """The ten test patches of section 4.1, as [10, size, size, C], in the
+  order of `ten_crop_positions`."""
+  patches = []
+  for top, left, reflected in ten_crop_positions(*image.shape[:2], size):
+    patch = image[top:top + size, left:left + size]
+    patches.append(patch[:, ::-1] if reflected else patch)
+  return np.stack(patches)
+
+
+def ten_crop_positions(height: int, width: int, size: int
+                       ) -> tuple[tuple[int, int, bool], ...]:
+  """(top, left, reflected) of the ten test patches: top-left, top-right,
+  bottom-left, bottom-right, centre, then the same five reflected
+  horizontally."""
   bottom, right = height - size, width - size
-  corners = [image[top:top + size, left:left + size]
-             for top, left in ((0, 0), (0, right), (bottom, 0),
-                               (bottom, right))]
-  patches = corners + [center_crop(image, size)]
-  return np.stack(patches + [p[:, ::-1] for p in patches])
+  five = ((0, 0), (0, right), (bottom, 0), (bottom, right),
+          center_position(height, width, size))
+  return tuple((top, left, reflected) for reflected in (False, True)
+               for top, left in five)
 
 
 def train_example(image: np.ndarray, mean_image: np.ndarray, size: int,

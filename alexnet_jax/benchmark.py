@@ -19,6 +19,13 @@ object with all of them.
 
 MFU is images/s x FLOPs per image over the devices' peak: `--peak_tflops`, or
 PEAK_TFLOPS for a known accelerator; elsewhere (a CPU) it is null.
+
+    python -m alexnet_jax.benchmark --config=configs/two_gpu.py \
+        --input=pipeline [--store=STORE | --make_fake=N]
+
+feeds the step from a prepared store's input pipeline instead (a fake store
+of N synthetic 256x256 JPEGs without --store) and also prints the images/s
+of the input pipeline alone and of the two together, as training runs them.
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ from __future__ import annotations
 import json
 import statistics
 import sys
+import tempfile
 import time
 
 from absl import app, flags
@@ -71,10 +79,12 @@ def peak_memory_bytes(devices) -> int | None:
 
 
 def measure(config, *, steps: int = 20, warmup: int = 3,
-            peak: float | None = None) -> dict:
+            peak: float | None = None, store_dir: str | None = None) -> dict:
   """Compiles and times `config`'s train step; returns the figures.
 
   `peak`: TFLOP/s per device for MFU, instead of the PEAK_TFLOPS entry.
+  `store_dir`: a prepared store whose input pipeline feeds the step, timed
+  alone, the step alone (on one of its batches) and the two together.
   """
   import jax
   from alexnet_jax import validation
@@ -83,13 +93,15 @@ def measure(config, *, steps: int = 20, warmup: int = 3,
     raise validation.ConfigError(
         f'steps={steps} must be positive and warmup={warmup} non-negative')
   with jax.enable_x64(config.model.dtype == 'float64'):
-    return _measure(config, steps, warmup, peak)
+    return _measure(config, steps, warmup, peak, store_dir)
 
 
-def compiled_step(config) -> dict:
-  """`config`'s train step compiled for one synthetic batch, with what it
-  runs on: {'step', 'state', 'batch', 'lr', 'rng', 'compile_s', 'model',
-  'devices', 'image_size', 'bytes_per_image'}."""
+def compiled_step(config, store_dir: str | None = None) -> dict:
+  """`config`'s train step compiled for one batch, with what it runs on:
+  {'step', 'state', 'batch', 'constants', 'lr', 'rng', 'compile_s', 'model',
+  'devices', 'image_size', 'bytes_per_image', 'pipeline'}. The batch is
+  synthetic, or the first of `store_dir`'s input pipeline
+  (`loader_benchmark.Pipeline`, then under 'pipeline')."""
   import jax
   from alexnet_jax import data, models, optim, parallel, train
   from alexnet_jax import validation
@@ -108,30 +120,44 @@ def compiled_step(config) -> dict:
   train_step = train.make_train_step(model, tx, scheme, shardings,
                                      lr_multipliers)
 
-  # Synthetic examples have the shapes and dtypes of every dataset's batches.
+  from alexnet_jax import loader_benchmark
   batch_size = config.batch_size
-  rows = train.process_rows(scheme, batch_size)
-  source = data.Synthetic(image_size, config.model.num_classes, batch_size, 1)
-  local = next(source.train_batches(batch_size=batch_size, seed=config.seed,
-                                    rows=rows))
-  bytes_per_image = sum(v.nbytes for v in local.values()) / (rows[1] - rows[0])
-  batch = train.global_batch(scheme, local, batch_size)
+  pipeline, constants = None, None
+  if store_dir is None:
+    rows = train.process_rows(scheme, batch_size)
+    source = data.Synthetic(image_size, config.model.num_classes, batch_size,
+                            1)
+    local = next(source.train_batches(batch_size=batch_size, seed=config.seed,
+                                      rows=rows))
+    batch = train.global_batch(scheme, local, batch_size)
+  else:
+    pipeline = loader_benchmark.Pipeline(config, store_dir, scheme)
+    host = pipeline.host_batches()
+    local = next(host)
+    host.close()
+    batch, constants = pipeline.to_mesh(local), pipeline.constants
+  bytes_per_image = loader_benchmark.bytes_to_device_per_image(local)
   lr = float(config.optimizer.learning_rate)
   rng = jax.random.key(config.seed + 1)
   jax.block_until_ready((state, batch))
   start = time.perf_counter()
-  compiled = train_step.lower(state, batch, lr, rng).compile()
-  return {'step': compiled, 'state': state, 'batch': batch, 'lr': lr,
-          'rng': rng, 'compile_s': time.perf_counter() - start,
-          'model': model, 'devices': devices, 'image_size': image_size,
-          'bytes_per_image': bytes_per_image}
+  compiled = train_step.lower(state, batch, lr, rng, constants).compile()
+  return {'step': compiled, 'state': state, 'batch': batch,
+          'constants': constants, 'lr': lr, 'rng': rng,
+          'compile_s': time.perf_counter() - start, 'model': model,
+          'devices': devices, 'image_size': image_size,
+          'bytes_per_image': bytes_per_image, 'pipeline': pipeline}
 
 
-def _measure(config, steps: int, warmup: int, peak: float | None) -> dict:
+def _measure(config, steps: int, warmup: int, peak: float | None,
+             store_dir: str | None) -> dict:
   import jax
   from alexnet_jax import flops, models
-  built = compiled_step(config)
-  compiled, state, batch, lr = (built['step'], built['state'], built['batch'],
+  built = compiled_step(config, store_dir)
+  constants = built['constants']
+  step_fn = lambda state, batch, lr, rng: built['step'](state, batch, lr, rng,
+                                                        constants)
+  compiled, state, batch, lr = (step_fn, built['state'], built['batch'],
                                 built['lr'])
   model, devices, image_size = (built['model'], built['devices'],
                                 built['image_size'])
@@ -159,6 +185,12 @@ def _measure(config, steps: int, warmup: int, peak: float | None) -> dict:
   jax.block_until_ready((state, pending))
   times.append(time.perf_counter() - last)
   loss = float(jax.device_get(pending['loss']))
+  pipeline = built['pipeline']
+  rates = {}
+  if pipeline is not None:
+    rates['loader_img_per_s'] = _loader_rate(pipeline, steps, warmup)
+    rates['end_to_end_img_per_s'], state = _end_to_end_rate(
+        pipeline, compiled, state, lr, built['rng'], steps, warmup)
 
   step_s = statistics.median(times)
   img_per_s = batch_size / step_s
@@ -191,7 +223,43 @@ def _measure(config, steps: int, warmup: int, peak: float | None) -> dict:
       'mfu': mfu,
       'bytes_to_device_per_image': bytes_per_image,
       'final_loss': loss,
+      'input': 'synthetic' if pipeline is None else 'pipeline',
+      **rates,
   }
+
+
+def _loader_rate(pipeline, steps: int, warmup: int) -> float:
+  """Images/s of the host input pipeline alone, once it has started."""
+  host = pipeline.host_batches()
+  try:
+    for _ in range(warmup + 1):
+      next(host)
+    start = time.perf_counter()
+    for _ in range(steps):
+      next(host)
+    return steps * pipeline.config.batch_size / (time.perf_counter() - start)
+  finally:
+    host.close()
+
+
+def _end_to_end_rate(pipeline, step, state, lr, rng, steps: int,
+                     warmup: int):
+  """(images/s of the step fed by the pipeline as training feeds it, the
+  state after it)."""
+  import jax
+  batches = pipeline.device_batches()
+  try:
+    for _ in range(warmup + 1):
+      state, metrics = step(state, next(batches), lr, rng)
+    jax.block_until_ready(metrics)
+    start = time.perf_counter()
+    for _ in range(steps):
+      state, metrics = step(state, next(batches), lr, rng)
+    jax.block_until_ready(metrics)
+    rate = steps * pipeline.config.batch_size / (time.perf_counter() - start)
+    return rate, state
+  finally:
+    batches.close()
 
 
 def format_result(r: dict) -> str:
@@ -213,7 +281,18 @@ def format_result(r: dict) -> str:
       f"FLOPs/image    {r['flops_per_image'] / 1e9:.3f} G (training)",
       f'MFU            {mfu}',
       f"to device      {r['bytes_to_device_per_image']:,.0f} bytes per image",
-  ])
+  ] + ([f"input alone    {r['loader_img_per_s']:,.1f} images/s",
+        f"step alone     {r['img_per_s']:,.1f} images/s",
+        f"end to end     {r['end_to_end_img_per_s']:,.1f} images/s"]
+       if r['input'] == 'pipeline' else []))
+
+
+def _fake_store(directory: str, config) -> str:
+  from alexnet_jax import loader_benchmark
+  count = flags.FLAGS.make_fake
+  loader_benchmark.write_fake_store(directory, count, max(count // 50, 1),
+                                    num_classes=config.model.num_classes)
+  return directory
 
 
 def _define_flags():
@@ -226,6 +305,15 @@ def _define_flags():
                        lower_bound=0)
   flags.DEFINE_float('peak_tflops', None, 'Peak TFLOP/s of one device for '
                      'MFU, instead of the table of known accelerators.')
+  flags.DEFINE_enum('input', 'synthetic', ['synthetic', 'pipeline'],
+                    "'synthetic': one batch kept on the device; 'pipeline': "
+                    'the input pipeline of a prepared store (--store, or a '
+                    'fake one of --make_fake images) timed alone, then '
+                    'feeding the step.')
+  flags.DEFINE_string('store', None, 'A prepared store for --input=pipeline.')
+  flags.DEFINE_integer('make_fake', 1024, 'Without --store: the size of the '
+                       'fake store of 256x256 JPEGs made for '
+                       '--input=pipeline.', lower_bound=1)
   flags.mark_flags_as_required(['config'])
 
 
@@ -237,12 +325,16 @@ def main(argv):
   metrics_io.quiet_library_logs()
   runtime.setup(config)  # simulated CPU devices, before JAX starts
   from alexnet_jax import validation
-  try:
-    result = measure(config, steps=FLAGS.steps, warmup=FLAGS.warmup,
-                     peak=FLAGS.peak_tflops)
-  except validation.ConfigError as e:
-    print(f'error: {e}', file=sys.stderr)
-    sys.exit(1)
+  with tempfile.TemporaryDirectory() as fake:
+    store_dir = None
+    if FLAGS.input == 'pipeline':
+      store_dir = FLAGS.store or _fake_store(fake, config)
+    try:
+      result = measure(config, steps=FLAGS.steps, warmup=FLAGS.warmup,
+                       peak=FLAGS.peak_tflops, store_dir=store_dir)
+    except validation.ConfigError as e:
+      print(f'error: {e}', file=sys.stderr)
+      sys.exit(1)
   print(format_result(result))
   print(json.dumps(result))
 

@@ -1,6 +1,17 @@
 """The interface every dataset follows, in its own module so that the small
 datasets (`alexnet_jax.data`) and the prepared store (`alexnet_jax.imagenet`)
 both build on it without importing each other.
+
+Every dataset's batches have one form, which the step turns into network
+inputs on the accelerator (`alexnet_jax.device_augment`):
+
+  training    image, label, and per example offset [B, 2] (int32), flip [B]
+              (uint8) and lighting [B, 3] (float32)
+  evaluation  image, label, mask
+
+Images are uint8 with the dataset's `preprocessing` constants (the prepared
+store), or already network inputs in float16 with `preprocessing = None`
+(digits, synthetic).
 """
 
 from __future__ import annotations
@@ -18,6 +29,9 @@ class Dataset(abc.ABC):
   num_classes: int
   num_train: int
   num_eval: int
+  # The constants that turn this dataset's images into network inputs on
+  # the accelerator (`augment.Preprocessing`); None: they are inputs already.
+  preprocessing = None
 
   def steps_per_epoch(self, batch_size: int) -> int:
     # The last partial batch is dropped: every step has the paper's batch size.
@@ -60,3 +74,13 @@ class Dataset(abc.ABC):
       batch = self._eval_examples(np.where(mask, indices, 0))
       batch['mask'] = mask.astype(np.float32)
       yield batch
+
+
+def unaugmented(images: np.ndarray, labels: np.ndarray) -> Batch:
+  """A training batch of network inputs that no augmentation changes: the
+  whole image, never reflected, no lighting noise."""
+  count = len(labels)
+  return {'image': images, 'label': labels,
+          'offset': np.zeros((count, 2), np.int32),
+          'flip': np.zeros(count, np.uint8),
+          'lighting': np.zeros((count, 3), np.float32)}

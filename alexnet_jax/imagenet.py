@@ -1,11 +1,15 @@
 """ImageNet (or any prepared image folder) from the prepared store, via grain.
 
 The store (see `store.py`) holds the paper's 256x256 images as JPEGs. This
-module decodes them and applies the augmentation of section 4.1
-(`augment.py`) without TensorFlow, parallelised with grain: a `MapDataset`
-whose elements are whole batches, indexed by the training step, made by
-`workers` threads in this process or, with `processes > 0`, shared among that
-many worker processes, which build their batches directly in shared memory.
+module decodes them and does the host's part of section 4.1's augmentation
+without TensorFlow: it draws each example's values and cuts the uint8 patch;
+the accelerator does the rest (`device_augment.py`, with the constants in
+`preprocessing`). Evaluation ships the decoded 256x256 image itself, once,
+and the accelerator cuts the centre patch or the ten. Parallelised with
+grain: a `MapDataset` whose elements are whole batches, indexed by the
+training step, made by `workers` threads in this process or, with
+`processes > 0`, shared among that many worker processes, which build their
+batches directly in shared memory.
 
 What a batch holds depends only on (seed, step, rows):
   * step s holds positions [p B, (p + 1) B) of `epoch_order(seed, e)`, where
@@ -30,7 +34,7 @@ import io
 import os
 import sys
 import threading
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 from absl import logging
@@ -38,40 +42,79 @@ from absl import logging
 from alexnet_jax import augment, store
 from alexnet_jax.dataset import Batch, Dataset
 
-# Both wrap libjpeg-turbo: on the synthetic store Pillow 13.0 and OpenCV 5.0
-# gave identical pixels at the same speed here, so Pillow, which needs no
-# extra package, is the default.
-DECODERS = ('pil', 'cv2')
+# All three wrap libjpeg-turbo and give the same pixels (its accurate integer
+# IDCT and smooth chroma upsampling). simplejpeg, the fastest on the stored
+# 256x256 images (docs/input.md), also decodes into a given buffer and
+# releases the GIL throughout; Pillow, which needs no extra package, stands in
+# where it is not installed.
+DECODERS = ('simplejpeg', 'cv2', 'pil')
 # Batches made or waiting, per process.
 IN_FLIGHT_BYTES = 4 << 30
 
 
-def decode_jpeg_pil(jpeg: bytes) -> np.ndarray:
+def default_decoder() -> str:
+  try:
+    import simplejpeg  # pylint: disable=import-outside-toplevel,unused-import
+  except ImportError:
+    return 'pil'
+  return 'simplejpeg'
+
+
+class WrongShapeError(ValueError):
+  """A JPEG that decodes to other dimensions than the store's images."""
+
+
+def _check_shape(shape: tuple[int, ...], out: np.ndarray) -> None:
+  if tuple(shape) != out.shape:
+    raise WrongShapeError(f'{tuple(shape)}, not {out.shape}')
+
+
+def decode_jpeg_simplejpeg(jpeg: bytes, out: np.ndarray) -> None:
+  import simplejpeg
+  try:
+    pixels = simplejpeg.decode_jpeg(jpeg, colorspace='RGB', buffer=out)
+  except ValueError:
+    # Too large for `out`, or not a JPEG: the header tells which.
+    height, width, _, _ = simplejpeg.decode_jpeg_header(jpeg)
+    _check_shape((height, width, 3), out)
+    raise
+  _check_shape(pixels.shape, out)
+
+
+def decode_jpeg_pil(jpeg: bytes, out: np.ndarray) -> None:
   from PIL import Image
   with Image.open(io.BytesIO(jpeg)) as image:
     if image.mode != 'RGB':
       image = image.convert('RGB')
-    return np.asarray(image)
+    pixels = np.asarray(image)
+  _check_shape(pixels.shape, out)
+  out[...] = pixels
 
 
-def decode_jpeg_cv2(jpeg: bytes) -> np.ndarray:
+def decode_jpeg_cv2(jpeg: bytes, out: np.ndarray) -> None:
   import cv2
   bgr = cv2.imdecode(np.frombuffer(jpeg, np.uint8), cv2.IMREAD_COLOR)
   if bgr is None:
     raise ValueError('not a decodable image')
-  return bgr[..., ::-1]
+  _check_shape(bgr.shape, out)
+  out[...] = bgr[..., ::-1]
 
 
-_DECODE = {'pil': decode_jpeg_pil, 'cv2': decode_jpeg_cv2}
+# Each decodes a JPEG into `out`, uint8 [H, W, 3], or raises ValueError.
+DECODE: dict[str, Callable[[bytes, np.ndarray], None]] = {
+    'simplejpeg': decode_jpeg_simplejpeg, 'pil': decode_jpeg_pil,
+    'cv2': decode_jpeg_cv2}
 
 
 class PreparedDataset(Dataset):
   """A prepared store's 'train' and 'validation' splits as batches.
 
-  Training batches: a random image_size patch of the mean-subtracted image,
-  reflected with probability 1/2, plus PCA lighting noise (section 4.1).
-  Evaluation batches: the centre patch, or with `ten_crop` the ten patches of
-  section 4.1 as images [B, 10, H, W, 3] (see `train.make_eval_step`).
+  Training batches: a random image_size patch, uint8, with its offset, its
+  reflection bit and its PCA lighting colour (section 4.1; the mean image is
+  subtracted at that offset on the accelerator). Evaluation batches: the
+  stored images, uint8; `preprocessing` says to cut the centre patch or,
+  with `ten_crop`, the ten patches of section 4.1 (see
+  `train.make_eval_step`).
 
   Args:
     store_dir: a directory written by `python -m alexnet_jax.prepare`.
@@ -87,7 +130,8 @@ class PreparedDataset(Dataset):
       evenly; 0: all threads in this process.
     prefetch: batches buffered per process beyond those being made.
     ten_crop: evaluation batches carry the ten test patches.
-    decoder: 'pil' (Pillow) or 'cv2' (OpenCV, if installed).
+    decoder: one of DECODERS; None: simplejpeg where it is installed, else
+      Pillow.
     normalization: 'mean_image' (the paper's) or 'imagenet_mean_std'
       (torchvision's, which converted weights expect); see
       `augment.normalization`.
@@ -96,7 +140,8 @@ class PreparedDataset(Dataset):
   def __init__(self, store_dir: str, image_size: int, *,
                lighting_sigma: float = 0.1, workers: int = -1,
                processes: int = 0, prefetch: int = 2, ten_crop: bool = False,
-               decoder: str = 'pil', normalization: str = 'mean_image'):
+               decoder: str | None = None,
+               normalization: str = 'mean_image'):
     info = store.check_store(store_dir)
     stats = store.Statistics.load(store_dir)
     stored = info.image_size
@@ -107,6 +152,7 @@ class PreparedDataset(Dataset):
     if not 0 < image_size <= stored:
       raise ValueError(f'image_size={image_size} does not fit in the stored '
                        f'{stored}x{stored} images')
+    decoder = decoder or default_decoder()
     if decoder not in DECODERS:
       raise ValueError(f'decoder={decoder!r} is not one of {DECODERS}')
     if workers == -1:
@@ -130,19 +176,24 @@ class PreparedDataset(Dataset):
     self.prefetch = prefetch
     self.ten_crop = ten_crop
     self.decoder = decoder
-    self.mean_image, self.scale = augment.normalization(
-        normalization, stats.mean_image.astype(np.float32))
+    self._decode_into = DECODE[decoder]
+    self.stored_shape = (stored, stored, 3)
+    self.preprocessing = augment.Preprocessing.create(
+        normalization, stats.mean_image, image_size, ten=ten_crop)
     self.eigval = stats.eigval.astype(np.float64)
     self.eigvec = stats.eigvec.astype(np.float64)
     self._train = store.SplitSource(store_dir, 'train')
     self._eval = store.SplitSource(store_dir, 'validation')
+    # As many as may be in flight, and the device prefetch's.
+    self._buffers = BufferPool(IN_FLIGHT_BYTES)
 
   @classmethod
   def from_config(cls, config, image_size: int, *,
                   ten_crop: bool | None = None) -> 'PreparedDataset':
     """The dataset a config names: `store_dir`, `input.lighting_sigma`,
-    `input.workers`, `input.processes` and `ten_crop_eval` (defaults for
-    the fields it lacks)."""
+    `input.workers`, `input.processes`, `input.normalization`,
+    `input.decoder` and `ten_crop_eval` (defaults for the fields it
+    lacks)."""
     given = config.get('input') or {}
     if ten_crop is None:
       ten_crop = config.get('ten_crop_eval', False)
@@ -150,72 +201,73 @@ class PreparedDataset(Dataset):
                lighting_sigma=given.get('lighting_sigma', 0.1),
                workers=given.get('workers', -1),
                processes=given.get('processes', 0), ten_crop=ten_crop,
-               normalization=given.get('normalization', 'mean_image'))
+               normalization=given.get('normalization', 'mean_image'),
+               decoder=given.get('decoder'))
 
-  def _decode(self, source: store.SplitSource, index: int
-              ) -> tuple[int, np.ndarray]:
+  def _decode(self, source: store.SplitSource, index: int,
+              out: np.ndarray) -> int:
+    """Decodes record `index` into `out`; returns its label."""
     try:
       label, jpeg = source[index]
-      image = _DECODE[self.decoder](jpeg)
+      self._decode_into(jpeg, out)
+    except WrongShapeError as e:
+      raise ValueError(f'{self.store_dir}: record {index} is {e}') from e
     except Exception as e:
       raise ValueError(f'{self.store_dir}: record {index} does not decode: '
                        f'{e}') from e
-    if image.shape != self.mean_image.shape:
-      raise ValueError(f'{self.store_dir}: record {index} is {image.shape}, '
-                       f'not {self.mean_image.shape}')
     if not 0 <= label < self.num_classes:
       raise ValueError(f'{self.store_dir}: record {index} has label {label} '
                        f'of {self.num_classes} classes')
-    return label, image
+    return label
 
   # The synchronous path: one batch in the calling thread. The grain
   # pipelines below call it once per batch.
 
   def _train_examples(self, indices: np.ndarray, *, seed: int = 0,
                       epoch: int = 0, shared: bool = False) -> Batch:
-    size = self.image_size
-    images = _empty((len(indices), size, size, 3), shared)
-    labels = np.empty(len(indices), np.int32)
-    skipped = np.zeros(len(indices), np.int32)
+    size, count = self.image_size, len(indices)
+    images = self._empty((count, size, size, 3), shared)
+    offsets = np.empty((count, 2), np.int32)
+    flips = np.empty(count, np.uint8)
+    lighting = np.empty((count, 3), np.float32)
+    labels = np.empty(count, np.int32)
+    skipped = np.zeros(count, np.int32)
+    # Each image is decoded whole into this thread's buffer; only its patch
+    # is copied into the batch.
+    decoded = _scratch(self.stored_shape)
     for n, index in enumerate(indices):
-      index, skipped[n], labels[n], image = self._usable_train(int(index))
-      rng = np.random.default_rng([seed, epoch, index])
-      images[n] = augment.train_example(
-          image, self.mean_image, size, self.eigval, self.eigvec, rng,
+      index, skipped[n], labels[n] = self._usable_train(int(index), decoded)
+      rng = example_rng(seed, epoch, index)
+      top, left, flips[n], lighting[n] = augment.train_draws(
+          self.stored_shape[:2], size, self.eigval, self.eigvec, rng,
           self.lighting_sigma)
-    self._rescale(images)
-    return {'image': images, 'label': labels, 'skipped': skipped}
+      offsets[n] = top, left
+      images[n] = decoded[top:top + size, left:left + size]
+    return {'image': images, 'label': labels, 'offset': offsets,
+            'flip': flips, 'lighting': lighting, 'skipped': skipped}
 
-  def _rescale(self, images: np.ndarray) -> None:
-    if self.scale is not None:
-      np.multiply(images, self.scale, out=images)
-
-  def _usable_train(self, index: int) -> tuple[int, int, int, np.ndarray]:
-    """The training example at `index` or, when its record cannot be used,
-    at the next index whose record can: the same one on every pass, so the
-    batch keeps its size and a resumed run reads the same. Returns (index
-    used, records passed over, label, image)."""
+  def _usable_train(self, index: int, out: np.ndarray
+                    ) -> tuple[int, int, int]:
+    """Decodes into `out` the training example at `index` or, when its
+    record cannot be used, the one at the next index whose record can: the
+    same one on every pass, so the batch keeps its size and a resumed run
+    reads the same. Returns (index used, records passed over, label)."""
     for passed in range(self.num_train):
       candidate = (index + passed) % self.num_train
       try:
-        label, image = self._decode(self._train, candidate)
+        label = self._decode(self._train, candidate, out)
       except ValueError as e:
         logging.warning('Skipping a training example: %s', e)
         continue
-      return candidate, passed, label, image
+      return candidate, passed, label
     raise ValueError(f'{self.store_dir}: no training record decodes')
 
   def _eval_examples(self, indices: np.ndarray, *,
                      shared: bool = False) -> Batch:
-    size = self.image_size
-    crops = (10,) if self.ten_crop else ()
-    images = _empty((len(indices), *crops, size, size, 3), shared)
+    images = self._empty((len(indices), *self.stored_shape), shared)
     labels = np.empty(len(indices), np.int32)
     for n, index in enumerate(indices):
-      labels[n], image = self._decode(self._eval, int(index))
-      images[n] = augment.eval_example(image, self.mean_image, size,
-                                       ten=self.ten_crop)
-    self._rescale(images)
+      labels[n] = self._decode(self._eval, int(index), images[n])
     return {'image': images, 'label': labels}
 
   # The grain pipelines.
@@ -224,9 +276,8 @@ class PreparedDataset(Dataset):
                ) -> Iterator[Batch]:
     import grain
     make_batch.shared = self.processes > 0
-    # Every thread holds a batch and `prefetch` more wait. Ten-patch
-    # evaluation batches are ten times a training batch (1.6 GB for 256 at
-    # 227): memory, not the thread count, bounds how many are in flight.
+    # Every thread holds a batch and `prefetch` more wait; memory, not the
+    # thread count, bounds how many are in flight.
     in_flight = max(IN_FLIGHT_BYTES // batch_bytes, 1)
     threads = min(self.threads, in_flight)
     prefetch = min(self.prefetch, in_flight - threads)
@@ -250,8 +301,9 @@ class PreparedDataset(Dataset):
                     ) -> Iterator[Batch]:
     import grain
     make_batch = _TrainBatch(self, batch_size, seed, rows)
+    rows = make_batch.rows[1] - make_batch.rows[0]
     return self._iterate(grain.MapDataset.range(start_step, sys.maxsize),
-                         make_batch, self._batch_bytes(make_batch.rows, 1))
+                         make_batch, rows * self.image_size ** 2 * 3)
 
   def eval_batches(self, *, batch_size: int,
                    rows: tuple[int, int] | None = None
@@ -259,21 +311,87 @@ class PreparedDataset(Dataset):
     import grain
     count = -(-self.num_eval // batch_size)
     make_batch = _EvalBatch(self, batch_size, rows)
-    patches = 10 if self.ten_crop else 1
+    rows = make_batch.rows[1] - make_batch.rows[0]
     return self._iterate(grain.MapDataset.range(count), make_batch,
-                         self._batch_bytes(make_batch.rows, patches))
-
-  def _batch_bytes(self, rows: tuple[int, int], patches: int) -> int:
-    return (rows[1] - rows[0]) * patches * self.image_size ** 2 * 3 * 4
+                         rows * int(np.prod(self.stored_shape)))
 
 
-def _empty(shape, shared: bool) -> np.ndarray:
-  if shared:
-    # A worker process builds its batch in shared memory, which grain hands
-    # to the main process as it is; a private array would be copied there.
-    from grain import multiprocessing as grain_mp
-    return grain_mp.SharedMemoryArray(shape, np.float32)
-  return np.empty(shape, np.float32)
+  def _empty(self, shape: tuple[int, ...], shared: bool) -> np.ndarray:
+    if shared:
+      # A worker process builds its batch in shared memory, which grain
+      # hands to the main process as it is; a private array would be copied
+      # there.
+      from grain import multiprocessing as grain_mp
+      return grain_mp.SharedMemoryArray(shape, np.uint8)
+    return self._buffers.empty(shape)
+
+
+def example_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
+  """`np.random.default_rng([seed, epoch, index])`, an example's generator.
+
+  SeedSequence reads its entropy as 32-bit words: given as a uint32 array
+  (the same words when each value is below 2**32) it starts 2.5x faster than
+  from a list of Python ints, a few percent of a decode.
+  """
+  if max(seed, epoch, index) < 2 ** 32:
+    return np.random.default_rng(np.array([seed, epoch, index], np.uint32))
+  return np.random.default_rng([seed, epoch, index])
+
+
+class BufferPool:
+  """Batch arrays handed out again once nothing refers to them.
+
+  The kernel faults in and zeroes the pages of a fresh array as it is first
+  written, which here cost half as much as decoding the image that fills
+  them; an array used again has its pages already. An array is free when
+  only the pool holds it: every view of it, a device transfer's included,
+  holds a reference to it. The pool keeps at most `limit_bytes` of arrays;
+  past that it allocates without keeping.
+  """
+
+  def __init__(self, limit_bytes: int):
+    self.limit_bytes = limit_bytes
+    self._arrays: list[np.ndarray] = []
+    self._lock = threading.Lock()
+    # The count of an array that only the pool holds, measured rather than
+    # assumed: interpreters differ in the references a call borrows.
+    self._arrays.append(np.empty(0, np.uint8))
+    self._alone = self._references(0)
+    self._arrays.clear()
+
+  def _references(self, position: int) -> int:
+    return sys.getrefcount(self._arrays[position])
+
+  def empty(self, shape: tuple[int, ...]) -> np.ndarray:
+    with self._lock:
+      # By position: a name bound to an array (a loop variable, enumerate's
+      # tuple) would be one more reference to it.
+      for position in range(len(self._arrays)):
+        if (self._arrays[position].shape == shape
+            and self._references(position) == self._alone):
+          return self._arrays[position]
+      array = np.empty(shape, np.uint8)
+      kept = sum(a.nbytes for a in self._arrays)
+      if kept + array.nbytes <= self.limit_bytes:
+        self._arrays.append(array)
+      return array
+
+  def __getstate__(self):  # a worker process starts with none
+    return {'limit_bytes': self.limit_bytes}
+
+  def __setstate__(self, state):
+    self.__init__(state['limit_bytes'])
+
+
+_THREAD = threading.local()
+
+
+def _scratch(shape: tuple[int, ...]) -> np.ndarray:
+  """This thread's buffer for one decoded image."""
+  buffer = getattr(_THREAD, 'decoded', None)
+  if buffer is None or buffer.shape != shape:
+    buffer = _THREAD.decoded = np.empty(shape, np.uint8)
+  return buffer
 
 
 def _let_grain_read_its_flags():

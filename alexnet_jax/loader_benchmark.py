@@ -1,11 +1,13 @@
-"""The training input pipeline alone: JPEG decoding plus section 4.1's
-augmentation, in images per second.
+"""The training input pipeline alone: JPEG decoding plus the host's part of
+section 4.1's augmentation (the patch, and each example's drawn values), in
+images per second.
 
     python -m alexnet_jax.loader_benchmark --store=/tmp/fake --make_fake=2000
     python -m alexnet_jax.loader_benchmark --store=/data/store --workers=16
 
 `--workers` decoding threads work in this process, or shared among
-`--processes` worker processes.
+`--processes` worker processes. `benchmarks/input_peers.py` times the same
+store's JPEGs through tf.data, a PyTorch DataLoader and each decoder alone.
 
 `--make_fake=N` first writes a store of N synthetic 256x256 JPEGs (quality
 90, smooth colour fields with fine noise, about the size of prepared ImageNet
@@ -24,22 +26,9 @@ import numpy as np
 from absl import app, flags
 
 from alexnet_jax import imagenet, store
+from alexnet_jax.dataset import Batch
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string('store', None, 'A prepared store directory.')
-flags.DEFINE_integer('make_fake', 0, 'First write a synthetic store of this '
-                     'many training images into --store.')
-flags.DEFINE_integer('workers', 1, 'Decoding threads in all (-1: one per '
-                     'core).')
-flags.DEFINE_integer('processes', 0, 'Worker processes sharing them (0: all '
-                     'in this process).')
-flags.DEFINE_integer('prefetch', 2, 'Batches buffered per process.')
-flags.DEFINE_integer('batch_size', 128, 'Images per batch.')
-flags.DEFINE_integer('steps', 50, 'Batches timed.')
-flags.DEFINE_integer('warmup', 3, 'Batches read before timing (worker start).')
-flags.DEFINE_integer('image_size', 227, 'The network input (227 or 224).')
-flags.DEFINE_enum('decoder', 'pil', imagenet.DECODERS, 'JPEG decoder.')
-flags.mark_flag_as_required('store')
 
 
 def natural_image(rng: np.random.Generator, size: int = 256) -> np.ndarray:
@@ -128,9 +117,56 @@ def _cpu_seconds(root: int) -> float:
   return total
 
 
+def bytes_to_device_per_image(local: Batch) -> float:
+  """What a host batch sends to the accelerator, per example."""
+  sent = [v for k, v in local.items() if k != 'skipped']
+  return sum(v.nbytes for v in sent) / len(local['label'])
+
+
+class Pipeline:
+  """A config's training input on a prepared store, built as the training
+  loop builds it: for a benchmark of the loader alone (`host_batches`),
+  the step alone (one device batch, reused) and both (`device_batches`).
+
+    pipeline = Pipeline(config, store_dir, scheme)
+    train_step(state, batch, lr, rng, pipeline.constants)
+  """
+
+  def __init__(self, config, store_dir: str, scheme):
+    from alexnet_jax import train, validation
+    config = config.copy_and_resolve_references()
+    with config.unlocked():
+      config.store_dir = store_dir
+    self.config = config
+    self.scheme = scheme
+    self.dataset = imagenet.PreparedDataset.from_config(
+        config, validation.image_size(config))
+    self.rows = train.process_rows(scheme, config.batch_size)
+    self.constants = train.device_constants(scheme, self.dataset)
+
+  def host_batches(self, start_step: int = 0):
+    """This process's rows of each training batch, NumPy, from the grain
+    pipeline."""
+    return self.dataset.train_batches(
+        batch_size=self.config.batch_size, seed=self.config.seed,
+        start_step=start_step, rows=self.rows)
+
+  def to_mesh(self, local: Batch) -> dict:
+    from alexnet_jax import train
+    local = {k: v for k, v in local.items() if k != 'skipped'}
+    return train.global_batch(self.scheme, local, self.config.batch_size)
+
+  def device_batches(self, start_step: int = 0):
+    """Global batches on the mesh, two transfers ahead, as training gets
+    them."""
+    from alexnet_jax import train
+    return train.prefetch_to_mesh(self.host_batches(start_step),
+                                  self.to_mesh)
+
+
 def run_benchmark(store_dir: str, *, workers: int, processes: int,
                   prefetch: int, batch_size: int, steps: int, warmup: int,
-                  image_size: int, decoder: str) -> dict:
+                  image_size: int, decoder: str | None) -> dict:
   dataset = imagenet.PreparedDataset(store_dir, image_size, workers=workers,
                                      processes=processes, prefetch=prefetch,
                                      decoder=decoder)
@@ -146,12 +182,13 @@ def run_benchmark(store_dir: str, *, workers: int, processes: int,
   images = steps * batch_size
   assert batch['image'].shape == (batch_size, image_size, image_size, 3)
   return {'images_per_sec': images / elapsed,
+          'bytes_to_device_per_image': bytes_to_device_per_image(batch),
           'images_per_sec_per_worker': images / elapsed / dataset.workers,
           'images_per_cpu_sec': images / cpu if cpu > 0 else float('nan'),
           'cpu_seconds': cpu, 'seconds': elapsed, 'workers': dataset.workers,
           'processes': processes, 'threads_per_process': dataset.threads,
           'batch_size': batch_size, 'steps': steps,
-          'image_size': image_size, 'decoder': decoder,
+          'image_size': image_size, 'decoder': dataset.decoder,
           'cores': len(os.sched_getaffinity(0)), 'num_train': dataset.num_train}
 
 
@@ -177,5 +214,27 @@ def main(argv):
   print(json.dumps(result))
 
 
+def _define_flags():
+  # Defined only when this module is the program: alexnet_jax.benchmark
+  # imports it for the pipeline and has flags of the same names.
+  flags.DEFINE_string('store', None, 'A prepared store directory.')
+  flags.DEFINE_integer('make_fake', 0, 'First write a synthetic store of this '
+                       'many training images into --store.')
+  flags.DEFINE_integer('workers', 1, 'Decoding threads in all (-1: one per '
+                       'core).')
+  flags.DEFINE_integer('processes', 0, 'Worker processes sharing them (0: all '
+                       'in this process).')
+  flags.DEFINE_integer('prefetch', 2, 'Batches buffered per process.')
+  flags.DEFINE_integer('batch_size', 128, 'Images per batch.')
+  flags.DEFINE_integer('steps', 50, 'Batches timed.')
+  flags.DEFINE_integer('warmup', 3, 'Batches read before timing (worker '
+                       'start).')
+  flags.DEFINE_integer('image_size', 227, 'The network input (227 or 224).')
+  flags.DEFINE_enum('decoder', None, imagenet.DECODERS, 'JPEG decoder '
+                    '(default: simplejpeg where installed, else Pillow).')
+  flags.mark_flag_as_required('store')
+
+
 if __name__ == '__main__':
+  _define_flags()
   app.run(main)

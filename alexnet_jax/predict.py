@@ -38,7 +38,8 @@ import numpy as np
 from absl import app, flags, logging
 from PIL import Image, UnidentifiedImageError
 
-from alexnet_jax import augment, data, prepare, runs, store, validation
+from alexnet_jax import (augment, data, device_augment, prepare, runs, store,
+                         validation)
 
 # The resolution of scikit-learn's digits: every image is brought to it, so
 # that a photograph of a digit is as blurred as the training images.
@@ -106,8 +107,9 @@ def class_names(config) -> list[str]:
 
 
 class StoreInputs:
-  """Network inputs from RGB images, as `imagenet.PreparedDataset` makes its
-  centre-patch evaluation examples from the store's records."""
+  """Network inputs from RGB images, as evaluation makes its centre-patch
+  inputs from the store's records: the same stored image, through the same
+  accelerator function."""
 
   def __init__(self, config, image_size: int):
     name = config.input.normalization
@@ -128,24 +130,22 @@ class StoreInputs:
     else:
       # Only its shape is read: torchvision's statistics are constants.
       mean_image = np.zeros((prepare.IMAGE_SIZE, prepare.IMAGE_SIZE, 3))
-    self.mean_image, self.scale = augment.normalization(
-        name, mean_image.astype(np.float32))
+    self.preprocessing = augment.Preprocessing.create(name, mean_image,
+                                                      image_size)
     # The store's JPEG round trip, so that a file gives the very pixels its
     # record would; without a store, prepare's default quality.
     self.quality = (info or store.StoreInfo('', [])).jpeg_quality
     self.image_size = image_size
 
   def __call__(self, images: Sequence[Image.Image]) -> np.ndarray:
-    inputs = np.empty((len(images), self.image_size, self.image_size, 3),
-                      np.float32)
+    stored = np.empty((len(images), prepare.IMAGE_SIZE, prepare.IMAGE_SIZE, 3),
+                      np.uint8)
     for n, image in enumerate(images):
-      stored = prepare.encode_jpeg(prepare.central_crop(image.convert('RGB')),
-                                   self.quality)
-      inputs[n] = augment.eval_example(prepare.jpeg_pixels(stored),
-                                       self.mean_image, self.image_size)
-    if self.scale is not None:
-      np.multiply(inputs, self.scale, out=inputs)
-    return inputs
+      jpeg = prepare.encode_jpeg(prepare.central_crop(image.convert('RGB')),
+                                 self.quality)
+      stored[n] = prepare.jpeg_pixels(jpeg)
+    return device_augment.network_inputs({'image': stored},
+                                         self.preprocessing, train=False)
 
 
 def digit_grey_levels(image: Image.Image) -> np.ndarray:

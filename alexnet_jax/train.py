@@ -9,10 +9,11 @@ the notebooks and the tests.
 
 from __future__ import annotations
 
+import collections
 import math
 import signal
 import time
-from typing import Any
+from typing import Any, Callable, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -22,8 +23,8 @@ from absl import logging
 from jax.experimental import multihost_utils
 from jax.sharding import PartitionSpec as P
 
-from alexnet_jax import (checkpointing, data, metrics_io, models, optim,
-                         parallel, runs, validation)
+from alexnet_jax import (checkpointing, data, device_augment, metrics_io,
+                         models, optim, parallel, runs, validation)
 from alexnet_jax import workdir as workdir_lib
 
 State = dict[str, Any]
@@ -141,8 +142,11 @@ def _to_varying(path, param, axes):
 
 
 def make_grad_fn(model: models.AlexNet, scheme: parallel.Scheme, param_specs):
-  """Returns `grad_fn(params, batch, rng) -> (grads, metrics)` over the mesh.
+  """Returns `grad_fn(params, batch, rng, constants=None) -> (grads,
+  metrics)` over the mesh.
 
+  The batch is a dataset's (see `alexnet_jax.dataset`), which each device
+  turns into network inputs with the dataset's `device_augment.Constants`.
   Gradients are of the mean loss over the global batch, with the parameters'
   own shardings; `metrics` holds that batch's mean loss, top-1 and top-5.
   """
@@ -154,9 +158,10 @@ def make_grad_fn(model: models.AlexNet, scheme: parallel.Scheme, param_specs):
                          if a not in _spec_axes(spec)),
       param_specs, is_leaf=lambda x: isinstance(x, P))
 
-  def device_grads(params, batch, rng):
+  def device_grads(params, batch, rng, constants):
     # Every device draws its own dropout masks: column halves and batch shards.
     rng = jax.random.fold_in(rng, parallel.device_index())
+    images = device_augment.train_inputs(batch, constants)
 
     def loss_fn(params):
       # Marking the float32 parameters per-device here puts the gradient sum
@@ -164,7 +169,7 @@ def make_grad_fn(model: models.AlexNet, scheme: parallel.Scheme, param_specs):
       # would happen after the model's cast to its compute dtype, in bfloat16.
       params = jax.tree_util.tree_map_with_path(
           _to_varying, params, replicated_over)
-      logits = local_model.apply({'params': params}, batch['image'],
+      logits = local_model.apply({'params': params}, images,
                                  train=True, rngs={'dropout': rng})
       sums = _metrics(logits, batch['label'], jnp.ones(logits.shape[0]))
       # The mean over the global batch. The gradient of a replicated
@@ -176,23 +181,29 @@ def make_grad_fn(model: models.AlexNet, scheme: parallel.Scheme, param_specs):
 
     return jax.grad(loss_fn, has_aux=True)(params)
 
-  return jax.shard_map(device_grads, mesh=scheme.mesh,
-                       in_specs=(param_specs, scheme.batch_spec, P()),
-                       out_specs=(param_specs, P()))
+  sharded = jax.shard_map(device_grads, mesh=scheme.mesh,
+                          in_specs=(param_specs, scheme.batch_spec, P(), P()),
+                          out_specs=(param_specs, P()))
+
+  def grad_fn(params, batch, rng, constants=None):
+    return sharded(params, batch, rng, constants)
+
+  return grad_fn
 
 
 def make_train_step(model: models.AlexNet, tx, scheme: parallel.Scheme,
                     state_shardings, lr_multipliers=None):
-  """Returns `train_step(state, batch, lr, rng) -> (state, metrics)`, jitted.
+  """Returns `train_step(state, batch, lr, rng, constants=None) -> (state,
+  metrics)`, jitted; the batch and constants are `make_grad_fn`'s.
 
   `metrics` holds the global batch's mean loss, top-1 and top-5.
   """
   param_specs = jax.tree.map(lambda s: s.spec, state_shardings['params'])
   grads_fn = make_grad_fn(model, scheme, param_specs)
 
-  def train_step(state, batch, lr, rng):
+  def train_step(state, batch, lr, rng, constants=None):
     params = state['params']
-    grads, metrics = grads_fn(params, batch, rng)
+    grads, metrics = grads_fn(params, batch, rng, constants)
     opt_state = state['opt_state']
     opt_state.hyperparams['learning_rate'] = lr
     updates, opt_state = tx.update(grads, opt_state, params)
@@ -208,12 +219,14 @@ def make_train_step(model: models.AlexNet, tx, scheme: parallel.Scheme,
 
 def make_eval_step(model: models.AlexNet, scheme: parallel.Scheme,
                    param_shardings):
-  """Returns `eval_step(params, batch) -> sums` (loss, top1, top5, count)."""
+  """Returns `eval_step(params, batch, constants=None) -> sums` (loss, top1,
+  top5, count); the constants cut the centre patch or the ten patches of an
+  evaluation batch's images (`device_augment.eval_inputs`)."""
   local_model = scheme.local_model(model)
   param_specs = jax.tree.map(lambda s: s.spec, param_shardings)
 
-  def device_sums(params, batch):
-    images = batch['image']
+  def device_sums(params, batch, constants):
+    images = device_augment.eval_inputs(batch, constants)
     if images.ndim == 5:
       # [B, 10, H, W, 3]: the ten patches of section 4.1. The prediction is
       # the softmax averaged over them; as logits, log p gives the averaged
@@ -231,9 +244,14 @@ def make_eval_step(model: models.AlexNet, scheme: parallel.Scheme,
     return jax.lax.psum(_metrics(logits, batch['label'], batch['mask']),
                         scheme.batch_axes)
 
-  return jax.jit(jax.shard_map(device_sums, mesh=scheme.mesh,
-                               in_specs=(param_specs, scheme.batch_spec),
-                               out_specs=P()))
+  sharded = jax.shard_map(device_sums, mesh=scheme.mesh,
+                          in_specs=(param_specs, scheme.batch_spec, P()),
+                          out_specs=P())
+
+  def eval_step(params, batch, constants=None):
+    return sharded(params, batch, constants)
+
+  return jax.jit(eval_step)
 
 
 def process_rows(scheme: parallel.Scheme, batch_size: int) -> tuple[int, int]:
@@ -264,13 +282,46 @@ def global_batch(scheme: parallel.Scheme, local: data.Batch,
           for k, v in local.items()}
 
 
-def evaluate(eval_step, params, dataset: data.Dataset, scheme, config) -> dict:
+def device_constants(scheme: parallel.Scheme, dataset: data.Dataset):
+  """The dataset's `device_augment.Constants`, replicated over the mesh."""
+  return device_augment.put(dataset.preprocessing, scheme.sharding(P()))
+
+
+def prefetch_to_mesh(batches: Iterator, to_mesh: Callable, depth: int = 2
+                     ) -> Iterator:
+  """`to_mesh(batch)` of each host batch, issued `depth` batches ahead.
+
+  The transfers are asynchronous: a batch's is under way while the steps
+  before it run, and the loop only ever waits for the host to make a batch.
+  """
+  queue = collections.deque()
+  try:
+    for batch in batches:
+      queue.append(to_mesh(batch))
+      if len(queue) > depth:
+        yield queue.popleft()
+    while queue:
+      yield queue.popleft()
+  finally:
+    # The host pipeline's workers stop as soon as the loop lets go.
+    close = getattr(batches, 'close', None)
+    if close is not None:
+      close()
+
+
+def evaluate(eval_step, params, dataset: data.Dataset, scheme, config,
+             constants=None) -> dict:
+  """Validation loss, top-1 and top-5 of `params` over the whole split;
+  `constants`: the dataset's on the mesh (by default put there now)."""
+  if constants is None:
+    constants = device_constants(scheme, dataset)
   totals = None
   rows = process_rows(scheme, config.eval_batch_size)
-  for batch in dataset.eval_batches(batch_size=config.eval_batch_size,
-                                    rows=rows):
-    sums = eval_step(params, global_batch(scheme, batch,
-                                          config.eval_batch_size))
+  to_mesh = lambda b: global_batch(scheme, b, config.eval_batch_size)
+  for batch in prefetch_to_mesh(
+      dataset.eval_batches(batch_size=config.eval_batch_size, rows=rows),
+      to_mesh):
+    sums = eval_step(params, batch, constants)
     totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
   totals = jax.device_get(totals)
   count = float(totals['count'])
@@ -395,11 +446,18 @@ def _train_and_evaluate(config, workdir: str, scheme: parallel.Scheme,
     lr_multipliers = optim.layer_lr_multipliers(config, state['params'])
   train_step = make_train_step(model, tx, scheme, shardings, lr_multipliers)
   eval_step = make_eval_step(model, scheme, shardings['params'])
+  constants = device_constants(scheme, dataset)
   base_rng = jax.random.key(config.seed + 1)
   logging.info('Starting the input pipeline at step %d', start_step + 1)
-  batches = dataset.train_batches(
+
+  def to_mesh(local):
+    # How many records were passed over stays on the host; the rest goes.
+    skipped = int(np.sum(local.pop('skipped', 0)))
+    return skipped, global_batch(scheme, local, config.batch_size)
+
+  batches = prefetch_to_mesh(dataset.train_batches(
       batch_size=config.batch_size, seed=config.seed, start_step=start_step,
-      rows=process_rows(scheme, config.batch_size))
+      rows=process_rows(scheme, config.batch_size)), to_mesh)
 
   # Per-step metrics since the last log line. A checkpoint carries them, so
   # that a resumed run logs the same averages as an uninterrupted one.
@@ -454,14 +512,14 @@ def _train_and_evaluate(config, workdir: str, scheme: parallel.Scheme,
   preempted = False
   try:
     for step in range(start_step + 1, total_steps + 1):
-      local = next(batches)
-      skipped_images += int(np.sum(local.pop('skipped', 0)))
-      batch = global_batch(scheme, local, config.batch_size)
+      skipped, batch = next(batches)
+      skipped_images += skipped
       if step == start_step + 1:
         logging.info('Compiling the train step (the first step takes '
                      'longer)')
       state, metrics = train_step(state, batch, lr,
-                                  jax.random.fold_in(base_rng, step))
+                                  jax.random.fold_in(base_rng, step),
+                                  constants)
       pending.append((step, metrics))
 
       if step % config.log_every_steps == 0 or step == total_steps:
@@ -487,7 +545,8 @@ def _train_and_evaluate(config, workdir: str, scheme: parallel.Scheme,
       evaluated = step % eval_every == 0 or step == total_steps
       if evaluated:
         check_finite()
-        result = evaluate(eval_step, state['params'], dataset, scheme, config)
+        result = evaluate(eval_step, state['params'], dataset, scheme, config,
+                          constants)
         schedule = optim.update_schedule_state(config, schedule,
                                                1.0 - result['top1'])
         meta['eval'] = {'step': step, 'epoch': step / steps_per_epoch,

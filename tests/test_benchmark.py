@@ -18,7 +18,8 @@ import sys
 import jax
 import pytest
 
-from alexnet_jax import benchmark, comm, flops, models, validation
+from alexnet_jax import (benchmark, comm, flops, loader_benchmark, models,
+                         validation)
 from commands import REPO_ROOT, command_env
 from configs import one_gpu
 
@@ -91,8 +92,26 @@ def test_benchmark_command_on_cpu():
   config = one_gpu.get_config('synthetic')
   assert result['flops_per_image'] == flops.training_flops(
       models.from_config(config), 99)
-  # float32 images and an int32 label.
-  assert result['bytes_to_device_per_image'] == 99 * 99 * 3 * 4 + 4
+  # Synthetic images as float16 network inputs, an int32 label and the
+  # per-example values every dataset ships (crop offset, reflection bit,
+  # lighting colour).
+  assert result['bytes_to_device_per_image'] == (
+      99 * 99 * 3 * 2 + 4 + 2 * 4 + 1 + 3 * 4)
+  assert result['input'] == 'synthetic'
+
+
+def test_benchmark_fed_by_the_input_pipeline(tmp_path):
+  # A store's pipeline alone, the step alone and the two together; uint8
+  # patches, one byte per input value and 25 bytes of per-example values.
+  config = one_gpu.get_config('synthetic')
+  config.image_size = 67
+  loader_benchmark.write_fake_store(str(tmp_path), 48, 2, num_classes=10)
+  result = benchmark.measure(config, steps=2, warmup=0,
+                             store_dir=str(tmp_path))
+  assert result['input'] == 'pipeline'
+  for key in ('loader_img_per_s', 'img_per_s', 'end_to_end_img_per_s'):
+    assert result[key] > 0, key
+  assert result['bytes_to_device_per_image'] == 67 * 67 * 3 + 4 + 8 + 1 + 12
 
 
 def test_torch_reference_has_the_project_models():

@@ -1,5 +1,7 @@
 """The prepared-store input pipeline: order, augmentation, resume, processes,
-evaluation and the ten-patch prediction, on a tiny store written here."""
+evaluation and the ten-patch prediction, on a tiny store written here. The
+loader's batches become, on the accelerator, the inputs that the NumPy
+specification (`augment.py`) makes of the same records."""
 
 import io
 import os
@@ -10,13 +12,18 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from alexnet_jax import augment, imagenet, loader_benchmark, store
+from alexnet_jax import augment, device_augment, imagenet, loader_benchmark
+from alexnet_jax import store
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_TRAIN, NUM_EVAL, NUM_CLASSES = 40, 12, 3
 STORED, SIZE = 80, 67        # small stand-ins for 256 and 227
 BATCH = 8                    # 5 steps per epoch
 SEED = 3
+TRAIN_KEYS = ('image', 'label', 'offset', 'flip', 'lighting', 'skipped')
+EVAL_KEYS = ('image', 'label', 'mask')
+# On the 0..255 scale of the pixels.
+TOLERANCE = 1e-4
 
 
 @pytest.fixture(scope='module')
@@ -45,6 +52,14 @@ def take(batches, count):
   return out
 
 
+def assert_same_batches(got, want, keys):
+  assert len(got) == len(want)
+  for a, b in zip(got, want):
+    assert sorted(a) == sorted(keys)
+    for key in keys:
+      np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+
+
 def test_describes_the_store(dataset):
   assert (dataset.num_train, dataset.num_eval) == (NUM_TRAIN, NUM_EVAL)
   assert dataset.num_classes == NUM_CLASSES
@@ -56,37 +71,47 @@ def test_train_batches_follow_the_epoch_order_and_per_example_augmentation(
   stats = store.Statistics.load(store_dir)
   batches = take(dataset.train_batches(batch_size=BATCH, seed=SEED), 7)
   for step, batch in enumerate(batches):   # steps 5 and 6 are epoch 1
+    # One byte per input value, and a few per example.
     assert batch['image'].shape == (BATCH, SIZE, SIZE, 3)
-    assert batch['image'].dtype == np.float32
+    assert batch['image'].dtype == np.uint8
     assert batch['label'].dtype == np.int32
+    assert batch['offset'].shape == (BATCH, 2)
     epoch, position = divmod(step, 5)
     order = np.random.default_rng([SEED, epoch]).permutation(NUM_TRAIN)
+    inputs = device_augment.network_inputs(batch, dataset.preprocessing,
+                                           train=True)
     for n, index in enumerate(order[position * BATCH:(position + 1) * BATCH]):
       label, image = decoded(store_dir, 'train', index)
-      rng = np.random.default_rng([SEED, epoch, index])
-      expected = augment.train_example(image, stats.mean_image, SIZE,
-                                       stats.eigval, stats.eigvec, rng, 0.1)
       assert batch['label'][n] == label == index % NUM_CLASSES
-      np.testing.assert_array_equal(batch['image'][n], expected)
+      top, left, flip, colour = augment.train_draws(
+          (STORED, STORED), SIZE, stats.eigval, stats.eigvec,
+          np.random.default_rng([SEED, epoch, index]))
+      assert tuple(batch['offset'][n]) == (top, left)
+      assert batch['flip'][n] == flip
+      np.testing.assert_array_equal(batch['lighting'][n], colour)
+      np.testing.assert_array_equal(batch['image'][n],
+                                    image[top:top + SIZE, left:left + SIZE])
+      expected = augment.train_example(
+          image, stats.mean_image, SIZE, stats.eigval, stats.eigvec,
+          np.random.default_rng([SEED, epoch, index]), 0.1)
+      np.testing.assert_allclose(inputs[n], expected, rtol=0, atol=TOLERANCE)
 
 
 def test_train_batches_are_deterministic_for_a_seed(dataset):
   first = take(dataset.train_batches(batch_size=BATCH, seed=SEED), 2)
   second = take(dataset.train_batches(batch_size=BATCH, seed=SEED), 2)
   other = take(dataset.train_batches(batch_size=BATCH, seed=SEED + 1), 2)
-  for a, b, c in zip(first, second, other):
-    np.testing.assert_array_equal(a['image'], b['image'])
-    np.testing.assert_array_equal(a['label'], b['label'])
-    assert not np.array_equal(a['image'], c['image'])
+  assert_same_batches(first, second, TRAIN_KEYS)
+  for a, c in zip(first, other):
+    assert not np.array_equal(a['offset'], c['offset'])
 
 
 def test_resuming_mid_epoch_reads_what_an_uninterrupted_run_reads(dataset):
   run = take(dataset.train_batches(batch_size=BATCH, seed=SEED), 10)
   resumed = take(dataset.train_batches(batch_size=BATCH, seed=SEED,
                                        start_step=7), 3)
-  for k, batch in zip((7, 8, 9), resumed):   # epoch 1, positions 2 to 4
-    np.testing.assert_array_equal(batch['image'], run[k]['image'])
-    np.testing.assert_array_equal(batch['label'], run[k]['label'])
+  # Epoch 1, positions 2 to 4.
+  assert_same_batches(resumed, run[7:], TRAIN_KEYS)
 
 
 def test_two_processes_rows_make_the_global_batch(dataset):
@@ -95,18 +120,15 @@ def test_two_processes_rows_make_the_global_batch(dataset):
   parts = [take(dataset.train_batches(batch_size=BATCH, seed=SEED,
                                       start_step=3, rows=rows), 3)
            for rows in ((0, 4), (4, 8))]
-  for k, batch in enumerate(whole):
-    for key in ('image', 'label'):
-      np.testing.assert_array_equal(
-          np.concatenate([parts[0][k][key], parts[1][k][key]]), batch[key])
+  joined = [{k: np.concatenate([a[k], b[k]]) for k in a}
+            for a, b in zip(*parts)]
+  assert_same_batches(joined, whole, TRAIN_KEYS)
   eval_whole = list(dataset.eval_batches(batch_size=BATCH))
   eval_parts = [list(dataset.eval_batches(batch_size=BATCH, rows=rows))
                 for rows in ((0, 4), (4, 8))]
-  for k, batch in enumerate(eval_whole):
-    for key in ('image', 'label', 'mask'):
-      np.testing.assert_array_equal(
-          np.concatenate([eval_parts[0][k][key], eval_parts[1][k][key]]),
-          batch[key])
+  joined = [{k: np.concatenate([a[k], b[k]]) for k in a}
+            for a, b in zip(*eval_parts)]
+  assert_same_batches(joined, eval_whole, EVAL_KEYS)
 
 
 def test_worker_processes_do_not_change_the_batches(store_dir, dataset):
@@ -116,16 +138,12 @@ def test_worker_processes_do_not_change_the_batches(store_dir, dataset):
                                         start_step=4), 3)
   got = take(parallel.train_batches(batch_size=BATCH, seed=SEED,
                                     start_step=4), 3)
-  for a, b in zip(expected, got):
-    np.testing.assert_array_equal(a['image'], b['image'])
-    np.testing.assert_array_equal(a['label'], b['label'])
+  assert_same_batches(got, expected, TRAIN_KEYS)
   # 3 evaluation batches over 2 processes: one makes two, the other one.
   expected = list(dataset.eval_batches(batch_size=5))
   got = list(parallel.eval_batches(batch_size=5))
   assert len(got) == 3
-  for a, b in zip(expected, got):
-    for key in ('image', 'label', 'mask'):
-      np.testing.assert_array_equal(a[key], b[key])
+  assert_same_batches(got, expected, EVAL_KEYS)
 
 
 def test_eval_batches_cover_every_example_once(store_dir, dataset):
@@ -134,19 +152,23 @@ def test_eval_batches_cover_every_example_once(store_dir, dataset):
   batches = list(dataset.eval_batches(batch_size=5))
   assert len(batches) == 3
   for batch in batches:
-    assert batch['image'].shape == (5, SIZE, SIZE, 3)
-    assert batch['image'].dtype == np.float32
+    # The stored image itself, once: the accelerator cuts the patch.
+    assert batch['image'].shape == (5, STORED, STORED, 3)
+    assert batch['image'].dtype == np.uint8
   mask = np.concatenate([b['mask'] for b in batches])
   np.testing.assert_array_equal(mask, [1.0] * NUM_EVAL + [0.0] * 3)
   images = np.concatenate([b['image'] for b in batches])[:NUM_EVAL]
   labels = np.concatenate([b['label'] for b in batches])[:NUM_EVAL]
+  inputs = device_augment.network_inputs({'image': images},
+                                          dataset.preprocessing, train=False)
   for index in range(NUM_EVAL):
     label, image = decoded(store_dir, 'validation', index)
     assert labels[index] == label
-    np.testing.assert_array_equal(
-        images[index],
-        augment.center_crop(augment.subtract_mean(image, stats.mean_image),
-                            SIZE))
+    np.testing.assert_array_equal(images[index], image)
+    np.testing.assert_allclose(
+        inputs[index],
+        augment.eval_example(image, stats.mean_image, SIZE), rtol=0,
+        atol=TOLERANCE)
 
 
 def test_ten_crop_eval_batches(store_dir, dataset, monkeypatch):
@@ -155,16 +177,56 @@ def test_ten_crop_eval_batches(store_dir, dataset, monkeypatch):
   # Room for one batch only: one thread, nothing prefetched, same batches.
   monkeypatch.setattr(imagenet, 'IN_FLIGHT_BYTES', 1)
   batches = list(ten.eval_batches(batch_size=5))
-  centre = list(dataset.eval_batches(batch_size=5))
-  assert batches[0]['image'].shape == (5, 10, SIZE, SIZE, 3)
-  for patches, single in zip(batches, centre):
-    np.testing.assert_array_equal(patches['image'][:, 4], single['image'])
-    np.testing.assert_array_equal(patches['label'], single['label'])
-    np.testing.assert_array_equal(patches['mask'], single['mask'])
+  # The same images go to the device: it cuts the ten patches of each.
+  assert_same_batches(batches, list(dataset.eval_batches(batch_size=5)),
+                      EVAL_KEYS)
+  assert ten.preprocessing.patches == augment.ten_crop_positions(
+      STORED, STORED, SIZE)
+  patches = device_augment.network_inputs(batches[0], ten.preprocessing,
+                                          train=False)
+  assert patches.shape == (5, 10, SIZE, SIZE, 3)
   _, image = decoded(store_dir, 'validation', 1)
-  np.testing.assert_array_equal(
-      batches[0]['image'][1],
-      augment.ten_crop(augment.subtract_mean(image, stats.mean_image), SIZE))
+  np.testing.assert_allclose(
+      patches[1], augment.eval_example(image, stats.mean_image, SIZE,
+                                       ten=True), rtol=0, atol=TOLERANCE)
+
+
+@pytest.mark.parametrize('decoder', ['pil', 'cv2'])
+def test_every_decoder_gives_the_same_batches(store_dir, dataset, decoder):
+  if decoder == 'cv2':
+    pytest.importorskip('cv2')
+  other = imagenet.PreparedDataset(store_dir, SIZE, decoder=decoder)
+  assert_same_batches(
+      take(other.train_batches(batch_size=BATCH, seed=SEED), 2),
+      take(dataset.train_batches(batch_size=BATCH, seed=SEED), 2),
+      TRAIN_KEYS)
+  assert_same_batches(list(other.eval_batches(batch_size=NUM_EVAL)),
+                      list(dataset.eval_batches(batch_size=NUM_EVAL)),
+                      EVAL_KEYS)
+
+
+def test_the_default_decoder_is_simplejpeg_and_else_pillow(monkeypatch):
+  pytest.importorskip('simplejpeg')
+  assert imagenet.default_decoder() == 'simplejpeg'
+  monkeypatch.setitem(sys.modules, 'simplejpeg', None)   # not installed
+  assert imagenet.default_decoder() == 'pil'
+
+
+def test_a_batch_array_is_used_again_only_when_nothing_holds_it():
+  pool = imagenet.BufferPool(limit_bytes=1 << 20)
+  first = pool.empty((4, 8))
+  view = first[1:]
+  del first
+  # A view of the array holds it (as a device transfer's does): a new one.
+  second = pool.empty((4, 8))
+  assert not np.shares_memory(second, view)
+  del view
+  assert pool.empty((4, 8)) is pool._arrays[0]
+  assert pool.empty((2, 8)) is pool._arrays[2]   # one per shape in use
+  # Past the limit, arrays are made and not kept.
+  small = imagenet.BufferPool(limit_bytes=16)
+  small.empty((4, 8))
+  assert not small._arrays
 
 
 def test_an_unfinished_store_is_refused(tmp_path):
@@ -217,9 +279,10 @@ def test_ten_crop_evaluation_averages_the_softmax(store_dir, tmp_path):
   ten = evaluate.evaluate_checkpoint(config, str(tmp_path), ten_crop=True)
   one = evaluate.evaluate_checkpoint(config, str(tmp_path))
 
+  ten_crop = imagenet.PreparedDataset(store_dir, SIZE, ten_crop=True)
   patches = np.concatenate([
-      b['image'] for b in imagenet.PreparedDataset(
-          store_dir, SIZE, ten_crop=True).eval_batches(batch_size=NUM_EVAL)])
+      device_augment.network_inputs(b, ten_crop.preprocessing, train=False)
+      for b in ten_crop.eval_batches(batch_size=NUM_EVAL)])
   labels = np.array([decoded(store_dir, 'validation', i)[0]
                      for i in range(NUM_EVAL)])
   logits = np.asarray(jax.jit(lambda p, x: model.apply(

@@ -14,7 +14,8 @@ from PIL import Image
 from sklearn import datasets as sk_datasets
 
 from commands import command_env
-from alexnet_jax import data, imagenet, models, predict, prepare, runs, train
+from alexnet_jax import (data, device_augment, imagenet, models, predict,
+                         prepare, runs, train)
 from configs import default, one_weird_trick
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -297,6 +298,9 @@ def test_a_file_gets_the_input_of_its_prepared_record(
       folder_store['out'], IMAGE_SIZE, normalization=normalization)
   assert dataset.num_eval == len(files)
   expected = dataset._eval_examples(np.arange(len(files)))
+  # The stored images, as the accelerator makes them into network inputs.
+  expected['image'] = device_augment.network_inputs(
+      expected, dataset.preprocessing, train=False)
   inputs = p.inputs([predict.read_image(path) for path in files])
   np.testing.assert_array_equal(inputs, expected['image'])
 

@@ -1,0 +1,286 @@
+"""The input pipeline against its peers, on the same JPEGs, in one run.
+
+    python benchmarks/input_peers.py --store=/tmp/fake --make_fake=1536
+    python benchmarks/input_peers.py --store=/data/store --threads=1,2,8
+
+reads a prepared store's training JPEGs (or first writes `--make_fake`
+synthetic ones, 256x256 quality 90, as `alexnet_jax.loader_benchmark` does)
+and times, in images/s, at each count of `--threads`:
+
+  decode <name>  each decoder alone, from bytes in memory into uint8 arrays,
+                 in that many threads: the floor of any pipeline
+  project        this project's loader (`imagenet.PreparedDataset`): read,
+                 decode, draw each example's crop, reflection and lighting,
+                 cut the uint8 patch, batch (the rest runs on the accelerator)
+  tf.data        decode_jpeg, mean image subtraction, random crop, random
+                 reflection, batch; parallel map and prefetch, that many
+                 threads
+  torch          a PyTorch DataLoader with that many workers:
+                 torchvision.io.decode_jpeg (Pillow where torchvision does
+                 not load) and the same transforms
+
+Batches of `--batch_size` `--image_size` patches; `--steps` batches timed
+after `--warmup` (`alexnet_jax.loader_benchmark`'s flags). TensorFlow,
+PyTorch, torchvision, OpenCV and simplejpeg are optional: a missing one is
+reported and skipped. Prints one table and one JSON line. Throughput moves
+between runs and machines: compare the rows of one run.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import io
+import json
+import os
+import time
+
+import numpy as np
+from absl import app, flags
+
+from alexnet_jax import imagenet, loader_benchmark, store
+
+# --store, --make_fake, --batch_size, --image_size, --steps and --warmup
+# are alexnet_jax.loader_benchmark's flags.
+FLAGS = flags.FLAGS
+flags.DEFINE_list('threads', ['1', '2'], 'Thread (worker) counts to time.')
+flags.DEFINE_list('pipelines', ['decode', 'project', 'tf.data', 'torch'],
+                  'What to time.')
+
+
+def _decoders() -> dict:
+  """name -> decode(jpeg bytes, out uint8 [H, W, 3]), for those installed."""
+  found = {}
+  for name in imagenet.DECODERS:
+    try:
+      imagenet.DECODE[name](_SAMPLE, np.empty((256, 256, 3), np.uint8))
+    except ImportError:
+      continue
+    found[name] = imagenet.DECODE[name]
+  if _torchvision_io() is not None:
+    import torch
+
+    def decode_torchvision(jpeg, out):
+      data = torch.frombuffer(bytearray(jpeg), dtype=torch.uint8)
+      out[...] = _torchvision_io().decode_jpeg(data).permute(1, 2, 0).numpy()
+
+    found['torchvision'] = decode_torchvision
+  return found
+
+
+def _torchvision_io():
+  """torchvision.io, or None where torchvision is missing or does not load
+  (a CUDA build of it beside a CPU build of PyTorch raises RuntimeError)."""
+  try:
+    import torchvision.io
+  except (ImportError, RuntimeError):
+    return None
+  return torchvision.io
+
+
+_SAMPLE = loader_benchmark.encode_jpeg(
+    loader_benchmark.natural_image(np.random.default_rng(0)))
+
+
+def time_decoder(decode, jpegs: list[bytes], threads: int, images: int
+                 ) -> float:
+  """images/s of `decode` over `images` JPEGs (cycling through `jpegs`),
+  in batches of 128 spread over `threads` threads."""
+  shape = (256, 256, 3)
+
+  def decode_chunk(start):
+    out = np.empty(shape, np.uint8)
+    for i in range(start, min(start + 128, images)):
+      decode(jpegs[i % len(jpegs)], out)
+
+  decode_chunk(0)
+  starts = range(0, images, 128)
+  begin = time.perf_counter()
+  with concurrent.futures.ThreadPoolExecutor(threads) as pool:
+    list(pool.map(decode_chunk, starts))
+  return images / (time.perf_counter() - begin)
+
+
+def _time_batches(batches, steps: int, warmup: int, batch_size: int
+                  ) -> float:
+  for _ in range(warmup):
+    next(batches)
+  begin = time.perf_counter()
+  for _ in range(steps):
+    next(batches)
+  return steps * batch_size / (time.perf_counter() - begin)
+
+
+def time_tf_data(jpegs, mean_image, threads, size, batch_size, steps,
+                 warmup) -> float:
+  import tensorflow as tf
+  mean = tf.constant(mean_image, tf.float32)
+
+  def augment(jpeg):
+    image = tf.cast(tf.io.decode_jpeg(jpeg, channels=3), tf.float32) - mean
+    image = tf.image.random_crop(image, (size, size, 3))
+    return tf.image.random_flip_left_right(image)
+
+  options = tf.data.Options()
+  options.threading.private_threadpool_size = threads
+  options.threading.max_intra_op_parallelism = 1
+  ds = (tf.data.Dataset.from_tensor_slices(jpegs).repeat()
+        .shuffle(len(jpegs))
+        .map(augment, num_parallel_calls=threads)
+        .batch(batch_size, drop_remainder=True).prefetch(2)
+        .with_options(options))
+  return _time_batches(iter(ds), steps, warmup, batch_size)
+
+
+class _TorchJpegs:
+  """The JPEGs as a map-style PyTorch dataset, with the same transforms;
+  decoded by torchvision.io or, where it does not load, by Pillow into a
+  tensor (as torchvision's ImageFolder decodes)."""
+
+  def __init__(self, jpegs, mean_image, size):
+    import torch
+    self.jpegs = [torch.frombuffer(bytearray(j), dtype=torch.uint8)
+                  for j in jpegs]
+    self.mean = torch.from_numpy(
+        np.ascontiguousarray(mean_image.transpose(2, 0, 1), np.float32))
+    self.size = size
+
+  def __len__(self):
+    return len(self.jpegs)
+
+  def _decode(self, index):
+    import torch
+    io_ops = _torchvision_io()
+    if io_ops is not None:
+      return io_ops.decode_jpeg(self.jpegs[index])
+    from PIL import Image
+    with Image.open(io.BytesIO(self.jpegs[index].numpy().tobytes())) as image:
+      pixels = np.asarray(image.convert('RGB'))
+    return torch.from_numpy(pixels).permute(2, 0, 1)
+
+  def __getitem__(self, index):
+    import torch
+    image = self._decode(index).float() - self.mean
+    top, left = (int(v) for v in torch.randint(
+        0, image.shape[1] - self.size + 1, (2,)))
+    image = image[:, top:top + self.size, left:left + self.size]
+    if torch.rand(()) < 0.5:
+      image = image.flip(-1)
+    return image
+
+
+def _one_torch_thread(_):
+  import torch
+  torch.set_num_threads(1)
+
+
+def time_torch(jpegs, mean_image, workers, size, batch_size, steps,
+               warmup) -> float:
+  import torch.utils.data
+  loader = torch.utils.data.DataLoader(
+      _TorchJpegs(jpegs, mean_image, size), batch_size=batch_size,
+      shuffle=True, drop_last=True, num_workers=workers,
+      persistent_workers=True, prefetch_factor=2,
+      worker_init_fn=_one_torch_thread)
+
+  def forever():
+    while True:
+      yield from loader
+
+  return _time_batches(forever(), steps, warmup, batch_size)
+
+
+def time_project(store_dir, threads, size, batch_size, steps, warmup
+                 ) -> float:
+  return loader_benchmark.run_benchmark(
+      store_dir, workers=threads, processes=0, prefetch=2,
+      batch_size=batch_size, steps=steps, warmup=warmup, image_size=size,
+      decoder=None)['images_per_sec']
+
+
+def run(store_dir: str, threads: list[int], pipelines: list[str], *,
+        batch_size: int, image_size: int, steps: int, warmup: int) -> dict:
+  source = store.SplitSource(store_dir, 'train')
+  jpegs = [source[i][1] for i in range(len(source))]
+  mean_image = store.Statistics.load(store_dir).mean_image.astype(np.float32)
+  images = (steps + warmup) * batch_size
+  common = dict(size=image_size, batch_size=batch_size, steps=steps,
+                warmup=warmup)
+  rows, skipped = {}, {}
+  for count in threads:
+    if 'decode' in pipelines:
+      for name, decode in _decoders().items():
+        rows.setdefault(f'decode {name}', {})[count] = time_decoder(
+            decode, jpegs, count, images)
+    timers = {
+        'project': lambda: time_project(store_dir, count, **common),
+        'tf.data': lambda: time_tf_data(jpegs, mean_image, count, **common),
+        'torch': lambda: time_torch(jpegs, mean_image, count, **common)}
+    for name, timer in timers.items():
+      if name not in pipelines or name in skipped:
+        continue
+      try:
+        rows.setdefault(name, {})[count] = timer()
+      except ImportError as e:
+        skipped[name] = str(e)
+        rows.pop(name, None)
+  return {'images_per_sec': rows, 'skipped': skipped,
+          'torch_decoder': ('torchvision.io' if _torchvision_io() is not None
+                            else 'pil'),
+          'threads': threads, 'jpegs': len(jpegs), 'batch_size': batch_size,
+          'image_size': image_size, 'steps': steps,
+          'cores': len(os.sched_getaffinity(0))}
+
+
+def ratios(result: dict) -> dict:
+  """Per thread count: the project over the best peer, and over the
+  fastest decoder alone."""
+  rows = result['images_per_sec']
+  out = {}
+  for count in result['threads']:
+    project = rows.get('project', {}).get(count)
+    peers = [rows[p][count] for p in ('tf.data', 'torch')
+             if count in rows.get(p, {})]
+    decoders = [v[count] for k, v in rows.items()
+                if k.startswith('decode ') and count in v]
+    out[count] = {
+        'over_best_peer': project / max(peers) if project and peers else None,
+        'of_fastest_decoder': (project / max(decoders)
+                               if project and decoders else None)}
+  return out
+
+
+def format_table(result: dict) -> str:
+  threads = result['threads']
+  lines = [f"{'images/s':<22}" + ''.join(f'{f"{t} thread(s)":>14}'
+                                         for t in threads)]
+  for name, by_count in result['images_per_sec'].items():
+    lines.append(f'{name:<22}' + ''.join(
+        f'{by_count[t]:>14,.0f}' if t in by_count else f"{'-':>14}"
+        for t in threads))
+  for count, ratio in ratios(result).items():
+    if ratio['over_best_peer'] is not None:
+      lines.append(f'{count} thread(s): project = '
+                   f"{ratio['over_best_peer']:.2f}x the best peer, "
+                   f"{ratio['of_fastest_decoder']:.0%} of the fastest "
+                   'decoder alone')
+  for name, why in result['skipped'].items():
+    lines.append(f'{name}: skipped ({why})')
+  return '\n'.join(lines)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  if FLAGS.make_fake:
+    loader_benchmark.write_fake_store(FLAGS.store, FLAGS.make_fake,
+                                      max(FLAGS.make_fake // 50, 1))
+  result = run(FLAGS.store, [int(t) for t in FLAGS.threads], FLAGS.pipelines,
+               batch_size=FLAGS.batch_size, image_size=FLAGS.image_size,
+               steps=FLAGS.steps, warmup=FLAGS.warmup)
+  result['ratios'] = ratios(result)
+  print(format_table(result))
+  print(json.dumps(result))
+
+
+if __name__ == '__main__':
+  app.run(main)
