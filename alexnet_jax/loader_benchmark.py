@@ -214,9 +214,10 @@ def main(argv):
   print(json.dumps(result))
 
 
-def _define_flags():
-  # Defined only when this module is the program: alexnet_jax.benchmark
-  # imports it for the pipeline and has flags of the same names.
+def define_flags():
+  # Defined by the programs that use them (this module's, and
+  # benchmarks/input_peers.py), not on import: alexnet_jax.benchmark imports
+  # this module for the pipeline and has flags of the same names.
   flags.DEFINE_string('store', None, 'A prepared store directory.')
   flags.DEFINE_integer('make_fake', 0, 'First write a synthetic store of this '
                        'many training images into --store.')
@@ -236,5 +237,5 @@ def _define_flags():
 
 
 if __name__ == '__main__':
-  _define_flags()
+  define_flags()
   app.run(main)

@@ -154,14 +154,15 @@ def profile(config, steps: int) -> dict[str, float]:
   built = benchmark.compiled_step(config)
   classes = _instruction_classes(built['step'].as_text())
   state = built['state']
+  step = lambda state: built['step'](state, built['batch'], built['lr'],
+                                     built['rng'], built['constants'])[0]
   for _ in range(2):
-    state, _ = built['step'](state, built['batch'], built['lr'], built['rng'])
+    state = step(state)
   jax.block_until_ready(state)
   with tempfile.TemporaryDirectory() as trace_dir:
     jax.profiler.start_trace(trace_dir, create_perfetto_trace=True)
     for _ in range(steps):
-      state, _ = built['step'](state, built['batch'], built['lr'],
-                               built['rng'])
+      state = step(state)
     jax.block_until_ready(state)
     jax.profiler.stop_trace()
     (path,) = glob.glob(os.path.join(trace_dir, '**', '*.trace.json.gz'),

@@ -42,6 +42,7 @@ from alexnet_jax import imagenet, loader_benchmark, store
 # --store, --make_fake, --batch_size, --image_size, --steps and --warmup
 # are alexnet_jax.loader_benchmark's flags.
 FLAGS = flags.FLAGS
+loader_benchmark.define_flags()  # --store, --make_fake, --steps, ...
 flags.DEFINE_list('threads', ['1', '2'], 'Thread (worker) counts to time.')
 flags.DEFINE_list('pipelines', ['decode', 'project', 'tf.data', 'torch'],
                   'What to time.')
