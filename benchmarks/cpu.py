@@ -139,10 +139,16 @@ def _instruction_classes(hlo_text: str) -> dict[str, str]:
   for name in set(names) | set(calls):
     if name in names:
       classes[name] = op_class(names[name])
+      continue
+    inner = collections.Counter(op_class(n) for n in computations[calls[name]])
+    if inner:
+      classes[name] = inner.most_common(1)[0][0]
+    elif re.search(r'transpose|copy', name):
+      # XLA's own: the layouts its convolution kernels want, mostly the
+      # input and the gradients transposed for the weight gradients.
+      classes[name] = 'layout transposes and copies (XLA)'
     else:
-      inner = collections.Counter(op_class(n)
-                                  for n in computations[calls[name]])
-      classes[name] = inner.most_common(1)[0][0] if inner else 'other'
+      classes[name] = 'other'
   return classes
 
 
