@@ -80,8 +80,10 @@ FC_LAYERS = ('fc6', 'fc7', 'fc8')
 # docs/benchmarks.md has the measurements behind the defaults. Field: (its
 # choices, what 'auto' means on the CPU, and on accelerators).
 #   conv1: 'direct', an 11x11 stride-4 convolution over 3 channels, which
-#     fills a GPU's matrix units poorly, or 'space_to_depth', a 3x3 stride-1
-#     convolution over 4x4 blocks of pixels folded into 48 channels.
+#     fills a GPU's matrix units poorly; 'space_to_depth', a 3x3 stride-1
+#     convolution over 4x4 blocks of pixels folded into 48 channels; or
+#     'tiled', the direct convolution in the pieces XLA's CPU kernels
+#     compute fastest (`tiled_conv`).
 #   grouped_conv: the column-grouped convolutions (conv2, conv4, conv5 of the
 #     two-column network on one device) as one convolution with a feature
 #     group count, or 'split' into one per group, concatenated: XLA's CPU
@@ -92,7 +94,8 @@ FC_LAYERS = ('fc6', 'fc7', 'fc8')
 #     (`strided_max_pool`): on the CPU, XLA expands select-and-scatter into
 #     index tensors and a scatter.
 LOWERINGS = {
-    'conv1': (('direct', 'space_to_depth'), 'direct', 'space_to_depth'),
+    'conv1': (('direct', 'space_to_depth', 'tiled'), 'tiled',
+              'space_to_depth'),
     'grouped_conv': (('grouped', 'split'), 'split', 'grouped'),
     'pooling': (('reduce_window', 'strided'), 'strided', 'reduce_window'),
 }
@@ -178,6 +181,100 @@ def fold_kernel(kernel: jax.Array, block: int) -> jax.Array:
   return kernel.reshape(taps, taps, block * block * c, f)
 
 
+def _conv_parameters(module: nn.Module, x: jax.Array, groups: int = 1):
+  """The kernel and bias of a square convolution module (fields features,
+  kernel_size, dtype, param_dtype, kernel_init, bias_init) declared as
+  `nn.Conv` declares them, so the tree and the initial values are its; and
+  x, kernel and bias in the compute dtype."""
+  k = module.kernel_size
+  kernel = module.param('kernel', module.kernel_init,
+                        (k, k, x.shape[-1] // groups, module.features),
+                        module.param_dtype)
+  bias = module.param('bias', module.bias_init, (module.features,),
+                      module.param_dtype)
+  return nn.dtypes.promote_dtype(x, kernel, bias, dtype=module.dtype)
+
+
+def _direct_conv(x: jax.Array, kernel: jax.Array, stride: int,
+                 padding: int) -> jax.Array:
+  return lax.conv_general_dilated(
+      x, kernel, (stride, stride), ((padding, padding), (padding, padding)),
+      dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+
+
+# On the CPU measured (docs/benchmarks.md), XLA's convolution kernels
+# (XNNPACK) compute conv1 with more than 16 kernels several times faster in
+# smaller pieces: the forward pass at most 16 kernels at a time, unless they
+# come in multiples of 64, which it handles whole; the weight gradient a few
+# images at a time, about this many input pixels. Up to 16 kernels the whole
+# convolution is as fast.
+TILE_KERNELS = 16
+TILE_PIXELS = 2 ** 17
+
+
+def tiled_conv(x: jax.Array, kernel: jax.Array, stride: int,
+               padding: int) -> jax.Array:
+  """`_direct_conv(x, kernel, stride, padding)`, NHWC and HWIO, computed in
+  tiles when it has more than TILE_KERNELS kernels: blocks of TILE_KERNELS
+  output features in the forward pass (whole multiples of 64), and the weight
+  gradient summed, in float32, over slices of the batch of about TILE_PIXELS
+  pixels."""
+  if kernel.shape[-1] <= TILE_KERNELS:
+    return _direct_conv(x, kernel, stride, padding)
+  return _tiled_conv(x, kernel, stride, padding)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _tiled_conv(x, kernel, stride, padding):
+  features = kernel.shape[-1]
+  if features % 64 == 0:
+    return _direct_conv(x, kernel, stride, padding)
+  return jnp.concatenate([
+      _direct_conv(x, kernel[..., i:i + TILE_KERNELS], stride, padding)
+      for i in range(0, features, TILE_KERNELS)], axis=-1)
+
+
+def _tiled_conv_fwd(x, kernel, stride, padding):
+  return _tiled_conv(x, kernel, stride, padding), (x, kernel)
+
+
+def _tiled_conv_bwd(stride, padding, residuals, dy):
+  x, kernel = residuals
+  conv = functools.partial(_direct_conv, stride=stride, padding=padding)
+  # The direct convolution's input gradient: conv1 never needs it, and XLA
+  # leaves it out.
+  dx = jax.vjp(lambda x: conv(x, kernel), x)[1](dy)[0]
+  n, height, width = x.shape[:3]
+  # The largest power of two of images within TILE_PIXELS, at least one.
+  rows = min(n, 1 << max((TILE_PIXELS // (height * width)).bit_length() - 1,
+                         0))
+  dk = sum(jax.vjp(lambda k, i=i: conv(x[i:i + rows], k), kernel)[1](
+      dy[i:i + rows])[0].astype(jnp.float32) for i in range(0, n, rows))
+  return dx, dk.astype(kernel.dtype)
+
+
+_tiled_conv.defvjp(_tiled_conv_fwd, _tiled_conv_bwd)
+
+
+class TiledConv(nn.Module):
+  """`nn.Conv` (square, symmetric padding), parameters and all, computed by
+  `tiled_conv`."""
+
+  features: int
+  kernel_size: int
+  stride: int
+  padding: int
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+  kernel_init: Any = nn.initializers.lecun_normal()
+  bias_init: Any = nn.initializers.zeros
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x, kernel, bias = _conv_parameters(self, x)
+    return tiled_conv(x, kernel, self.stride, self.padding) + bias
+
+
 class SpaceToDepthConv(nn.Module):
   """A square convolution with stride > 1 (conv1) computed stride 1.
 
@@ -203,12 +300,7 @@ class SpaceToDepthConv(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     k, s, p = self.kernel_size, self.stride, self.padding
-    kernel = self.param('kernel', self.kernel_init,
-                        (k, k, x.shape[-1], self.features), self.param_dtype)
-    bias = self.param('bias', self.bias_init, (self.features,),
-                      self.param_dtype)
-    x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias,
-                                              dtype=self.dtype)
+    x, kernel, bias = _conv_parameters(self, x)
     taps = -(-k // s)
     out = [(n + 2 * p - k) // s + 1 for n in x.shape[1:3]]
     # Output o reads padded pixels s*o .. s*o + k - 1, inside blocks
@@ -288,22 +380,11 @@ class SplitGroupConv(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    k, p, g = self.kernel_size, self.padding, self.groups
-    # Declared as nn.Conv declares them, so the tree and the initial values
-    # are the grouped convolution's.
-    kernel = self.param('kernel', self.kernel_init,
-                        (k, k, x.shape[-1] // g, self.features),
-                        self.param_dtype)
-    bias = self.param('bias', self.bias_init, (self.features,),
-                      self.param_dtype)
-    x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias,
-                                              dtype=self.dtype)
+    x, kernel, bias = _conv_parameters(self, x, self.groups)
     y = jnp.concatenate([
-        lax.conv_general_dilated(
-            xg, kg, (1, 1), ((p, p), (p, p)),
-            dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
-        for xg, kg in zip(jnp.split(x, g, axis=-1),
-                          jnp.split(kernel, g, axis=-1))], axis=-1)
+        _direct_conv(xg, kg, 1, self.padding)
+        for xg, kg in zip(jnp.split(x, self.groups, axis=-1),
+                          jnp.split(kernel, self.groups, axis=-1))], axis=-1)
     return y + bias
 
 
@@ -471,12 +552,13 @@ class AlexNet(nn.Module):
     act = ACTIVATIONS[self.activation]
 
     x = images.astype(self.dtype)
-    if lowering('conv1', self.conv1) == 'space_to_depth':
+    conv1 = {'space_to_depth': SpaceToDepthConv, 'tiled': TiledConv}.get(
+        lowering('conv1', self.conv1))
+    if conv1:
       kernel_init, bias_init = _initializers(self.init_scheme, 'conv1')
-      x = SpaceToDepthConv(c1, 11, 4, arch.conv1_padding, dtype=self.dtype,
-                           param_dtype=self.param_dtype,
-                           kernel_init=kernel_init, bias_init=bias_init,
-                           name='conv1')(x)
+      x = conv1(c1, 11, 4, arch.conv1_padding, dtype=self.dtype,
+                param_dtype=self.param_dtype, kernel_init=kernel_init,
+                bias_init=bias_init, name='conv1')(x)
     else:
       x = self._conv(x, 'conv1', c1, 11, arch.conv1_padding, stride=4)
     x = act(x)

@@ -106,6 +106,34 @@ def test_conv1_layer_same_outputs_and_gradients(padding, size):
   test_parallel.assert_trees_close(got_grads, want_grads, 'conv1 gradient')
 
 
+# More kernels than a tile (24: a block and a half; 40: two and a half; 64:
+# whole in the forward pass) and batches of more than one slice of the weight
+# gradient, the last one short (99x99: slices of 8 images).
+@pytest.mark.parametrize('padding', [0, 2])
+@pytest.mark.parametrize('features,batch', [(24, 10), (40, 3), (64, 9)])
+def test_tiled_conv1_is_the_direct_one(padding, features, batch):
+  images = jax.random.normal(jax.random.key(0), (batch, 99, 99, 3))
+  direct_conv = nn.Conv(features, (11, 11), strides=(4, 4),
+                        padding=((padding, padding),) * 2)
+  tiled = models.TiledConv(features, 11, 4, padding)
+  params = direct_conv.init(jax.random.key(1), images)
+  assert jax.tree.structure(tiled.init(jax.random.key(1), images)) == (
+      jax.tree.structure(params))
+
+  @jax.jit
+  def outputs_and_grads(params, images):
+    def run(conv):
+      loss = lambda p, x: jnp.sum(jnp.sin(conv.apply(p, x)))
+      return conv.apply(params, images), jax.grad(loss, (0, 1))(params,
+                                                                 images)
+    return run(direct_conv), run(tiled)
+
+  (want, want_grads), (got, got_grads) = outputs_and_grads(params, images)
+  test_parallel.assert_close(got, want, f'conv1 output, {features} kernels')
+  test_parallel.assert_trees_close(got_grads, want_grads,
+                                   'conv1 kernel, bias and input gradients')
+
+
 @pytest.mark.parametrize('variant,size', [('original', 227), ('owt', 224)])
 def test_same_logits(variant, size):
   model = models.AlexNet(variant=variant, width=0.25, num_classes=10,
@@ -115,9 +143,11 @@ def test_same_logits(variant, size):
       jax.random.key(1), images, train=False)['params']
   logits = jax.jit(lambda params: [
       model.clone(conv1=mode).apply({'params': params}, images, train=False)
-      for mode in ('direct', 'space_to_depth')])
-  want, got = logits(params)
-  test_parallel.assert_close(got, want, f'{variant} {size}x{size} logits')
+      for mode in ('direct', 'space_to_depth', 'tiled')])
+  want, *got = logits(params)
+  for mode, value in zip(('space_to_depth', 'tiled'), got):
+    test_parallel.assert_close(value, want,
+                               f'{variant} {size}x{size} logits, {mode}')
 
 
 @pytest.mark.parametrize('case', CASES, ids=test_parallel.case_id)
@@ -132,7 +162,7 @@ def test_same_loss_and_gradients_in_every_scheme(direct, case):
 
 
 def test_auto_follows_the_platform():
-  assert models.lowering('conv1', 'auto', 'cpu') == 'direct'
+  assert models.lowering('conv1', 'auto', 'cpu') == 'tiled'
   assert models.lowering('conv1', 'auto', 'gpu') == 'space_to_depth'
   assert models.lowering('conv1', 'direct', 'gpu') == 'direct'
   assert models.lowering('grouped_conv', 'auto', 'cpu') == 'split'
