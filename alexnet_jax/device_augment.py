@@ -71,6 +71,12 @@ def _mean_patches(mean_image: jax.Array, offsets: jax.Array,
 
 def train_inputs(batch: dict, constants: Constants | None) -> jax.Array:
   """Network inputs, float32 [B, S, S, 3], of a training batch."""
+  # Named, so that a profile of the step can tell its operations apart.
+  with jax.named_scope('device_augment'):
+    return _train_inputs(batch, constants)
+
+
+def _train_inputs(batch, constants):
   images = batch['image'].astype(jnp.float32)
   if constants is not None:
     images = images - _mean_patches(constants.mean_image, batch['offset'],

@@ -94,6 +94,7 @@ OP_CLASSES = (
     (r'_dense/|dot_general', 'fully connected'),
     (r'_pool|strided_max_pool|select_and_scatter', 'max-pooling'),
     (r'lrn', 'LRN'),
+    (r'device_augment', 'input augmentation (reflection, lighting, mean)'),
     (r'relu|tanh', 'activations'),
     (r'Dropout|threefry|random', 'dropout and its random bits'),
     (r'softmax|take_along_axis|top_k|log|psum', 'loss, metrics, sums'),
@@ -119,6 +120,10 @@ def _instruction_classes(hlo_text: str) -> dict[str, str]:
   instructions when it has no name of its own."""
   computations, current = collections.defaultdict(list), None
   names, calls = {}, {}
+  # Opcodes of the instructions XLA made without a name: the convolutions
+  # and matmuls of its own gradient rewrites (window-dilated weight
+  # gradients) among them.
+  unnamed = collections.defaultdict(set)
   for line in hlo_text.splitlines():
     header = re.match(r'^(?:ENTRY )?%?([\w.\-]+) .*\{$', line)
     if header and not line.startswith(' '):
@@ -133,6 +138,10 @@ def _instruction_classes(hlo_text: str) -> dict[str, str]:
     if op_name:
       names[name] = op_name.group(1)
       computations[current].append(op_name.group(1))
+    else:
+      opcode = re.search(r' = \S+ ([\w\-]+)\(', line)
+      if opcode:
+        unnamed[current].add(opcode.group(1))
     if called:
       calls[name] = called.group(1)
   classes = {}
@@ -143,6 +152,10 @@ def _instruction_classes(hlo_text: str) -> dict[str, str]:
     inner = collections.Counter(op_class(n) for n in computations[calls[name]])
     if inner:
       classes[name] = inner.most_common(1)[0][0]
+    elif 'convolution' in unnamed[calls[name]]:
+      classes[name] = 'convolutions (backward)'
+    elif 'dot' in unnamed[calls[name]]:
+      classes[name] = 'fully connected (backward)'
     elif re.search(r'transpose|copy', name):
       # XLA's own: the layouts its convolution kernels want, mostly the
       # input and the gradients transposed for the weight gradients.
@@ -240,7 +253,8 @@ def format_table(sizes, torch_best, xla_best, auto_best, errors,
       'Training images/s (forward, loss, backward, SGD with momentum and '
       'weight decay), float32, one device:', '',
       '| network | batch | PyTorch eager | project, XLA\'s lowerings | '
-      'project (`auto`: split groups, strided pooling) | project / PyTorch |',
+      'project (`auto`: tiled conv1, split groups, strided pooling) | '
+      'project / PyTorch |',
       '|---|---|---|---|---|---|']
   for name, variant, width, size, _, batch in sizes['cases']:
     peer = torch_best.get((variant, width))
