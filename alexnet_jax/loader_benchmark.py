@@ -25,7 +25,7 @@ import time
 import numpy as np
 from absl import app, flags
 
-from alexnet_jax import imagenet, store
+from alexnet_jax import augment, imagenet, store
 from alexnet_jax.dataset import Batch
 
 FLAGS = flags.FLAGS
@@ -192,6 +192,50 @@ def run_benchmark(store_dir: str, *, workers: int, processes: int,
           'cores': len(os.sched_getaffinity(0)), 'num_train': dataset.num_train}
 
 
+def time_stages(store_dir: str, *, image_size: int, decoder: str | None,
+                images: int = 1024, batch_size: int = 128) -> dict:
+  """Microseconds per image of each stage of a training example, in one
+  thread, in the loader's order: reading the record, decoding it, drawing
+  the example's values, copying its patch into a batch; then the whole
+  example as the loader makes it (`PreparedDataset._train_examples`), whose
+  excess over the stages is the loop's own bookkeeping."""
+  # pylint: disable=protected-access
+  dataset = imagenet.PreparedDataset(store_dir, image_size, workers=1,
+                                     decoder=decoder)
+  count = min(images, dataset.num_train)
+  stored = dataset.stored_shape
+  decoded = np.empty(stored, np.uint8)
+  batch = np.empty((batch_size, image_size, image_size, 3), np.uint8)
+  margin = (stored[0] - image_size) // 2
+  stages = {}
+
+  def timed(name, fn):
+    start = time.perf_counter()
+    result = fn()
+    stages[name] = (time.perf_counter() - start) / count * 1e6
+    return result
+
+  records = timed('record read',
+                  lambda: [dataset._train[i] for i in range(count)])
+  timed('decode', lambda: [dataset._decode_into(jpeg, decoded)
+                           for _, jpeg in records])
+  timed('draws', lambda: [augment.train_draws(
+      stored[:2], image_size, dataset.eigval, dataset.eigvec,
+      imagenet.example_rng(0, 0, i), dataset.lighting_sigma)
+                          for i in range(count)])
+
+  def copy_patches():
+    for i in range(count):
+      batch[i % batch_size] = decoded[margin:margin + image_size,
+                                      margin:margin + image_size]
+  timed('patch copy', copy_patches)
+  timed('whole example', lambda: [
+      dataset._train_examples(np.arange(start, min(start + batch_size,
+                                                   count)))
+      for start in range(0, count, batch_size)])
+  return stages
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
@@ -211,6 +255,14 @@ def main(argv):
         f"worker thread(s) {where} on {result['cores']} cores: "
         f"{result['images_per_sec_per_worker']:.0f} images/s per worker, "
         f"{result['images_per_cpu_sec']:.0f} images per CPU-second")
+  if FLAGS.stages:
+    stages = time_stages(FLAGS.store, image_size=FLAGS.image_size,
+                         decoder=FLAGS.decoder)
+    whole = stages['whole example']
+    for name, us in stages.items():
+      print(f'{name:>14}: {us:6.1f} us per image, {100 * us / whole:3.0f}% '
+            'of the whole example (one thread)')
+    result['stages_us_per_image'] = stages
   print(json.dumps(result))
 
 
@@ -233,6 +285,8 @@ def define_flags():
   flags.DEFINE_integer('image_size', 227, 'The network input (227 or 224).')
   flags.DEFINE_enum('decoder', None, imagenet.DECODERS, 'JPEG decoder '
                     '(default: simplejpeg where installed, else Pillow).')
+  flags.DEFINE_bool('stages', False, 'Also time each stage of a training '
+                    'example in one thread (time_stages).')
   flags.mark_flag_as_required('store')
 
 

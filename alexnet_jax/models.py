@@ -203,23 +203,30 @@ def _direct_conv(x: jax.Array, kernel: jax.Array, stride: int,
 
 
 # On the CPU measured (docs/benchmarks.md), XLA's convolution kernels
-# (XNNPACK) compute conv1 with more than 16 kernels several times faster in
-# smaller pieces: the forward pass at most 16 kernels at a time, unless they
-# come in multiples of 64, which it handles whole; the weight gradient a few
-# images at a time, about this many input pixels. Up to 16 kernels the whole
-# convolution is as fast.
+# (XNNPACK) compute conv1 several times faster in smaller pieces: the forward
+# pass at most 16 kernels at a time, unless they come in multiples of 64,
+# which it handles whole; and, for a batch of more than TILE_BATCH_PIXELS
+# input pixels, the weight gradient a few images at a time, about
+# TILE_PIXELS, in at most TILE_SLICES slices (so that a large batch's
+# program stays small). A smaller batch's weight gradient is as fast whole.
 TILE_KERNELS = 16
 TILE_PIXELS = 2 ** 17
+TILE_BATCH_PIXELS = 2 ** 19
+TILE_SLICES = 8
 
 
 def tiled_conv(x: jax.Array, kernel: jax.Array, stride: int,
                padding: int) -> jax.Array:
   """`_direct_conv(x, kernel, stride, padding)`, NHWC and HWIO, computed in
-  tiles when it has more than TILE_KERNELS kernels: blocks of TILE_KERNELS
-  output features in the forward pass (whole multiples of 64), and the weight
-  gradient summed, in float32, over slices of the batch of about TILE_PIXELS
-  pixels."""
-  if kernel.shape[-1] <= TILE_KERNELS:
+  tiles: blocks of TILE_KERNELS output features in the forward pass (whole
+  up to TILE_KERNELS and in multiples of 64), and the weight gradient of a
+  batch of more than TILE_BATCH_PIXELS pixels summed, in float32, over
+  slices of about TILE_PIXELS. Where neither applies it is the direct
+  convolution."""
+  n, height, width, _ = x.shape
+  features = kernel.shape[-1]
+  if ((features <= TILE_KERNELS or features % 64 == 0)
+      and n * height * width <= TILE_BATCH_PIXELS):
     return _direct_conv(x, kernel, stride, padding)
   return _tiled_conv(x, kernel, stride, padding)
 
@@ -227,7 +234,7 @@ def tiled_conv(x: jax.Array, kernel: jax.Array, stride: int,
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def _tiled_conv(x, kernel, stride, padding):
   features = kernel.shape[-1]
-  if features % 64 == 0:
+  if features <= TILE_KERNELS or features % 64 == 0:
     return _direct_conv(x, kernel, stride, padding)
   return jnp.concatenate([
       _direct_conv(x, kernel[..., i:i + TILE_KERNELS], stride, padding)
@@ -245,9 +252,13 @@ def _tiled_conv_bwd(stride, padding, residuals, dy):
   # leaves it out.
   dx = jax.vjp(lambda x: conv(x, kernel), x)[1](dy)[0]
   n, height, width = x.shape[:3]
-  # The largest power of two of images within TILE_PIXELS, at least one.
+  # The largest power of two of images within TILE_PIXELS, at least one, in
+  # at most TILE_SLICES slices; the whole batch when it is small.
   rows = min(n, 1 << max((TILE_PIXELS // (height * width)).bit_length() - 1,
                          0))
+  rows = max(rows, -(-n // TILE_SLICES))
+  if n * height * width <= TILE_BATCH_PIXELS:
+    rows = n
   dk = sum(jax.vjp(lambda k, i=i: conv(x[i:i + rows], k), kernel)[1](
       dy[i:i + rows])[0].astype(jnp.float32) for i in range(0, n, rows))
   return dx, dk.astype(kernel.dtype)
@@ -386,6 +397,18 @@ class SplitGroupConv(nn.Module):
         for xg, kg in zip(jnp.split(x, self.groups, axis=-1),
                           jnp.split(kernel, self.groups, axis=-1))], axis=-1)
     return y + bias
+
+
+def conv1_module(mode: str, features: int, padding: int,
+                 **kwargs) -> nn.Module:
+  """conv1 (11x11, stride 4) computed as `mode` ('direct',
+  'space_to_depth' or 'tiled'): the same parameters and function in each;
+  `kwargs` go to the module (dtype, initializers, name)."""
+  if mode == 'direct':
+    return nn.Conv(features, (11, 11), strides=(4, 4),
+                   padding=((padding, padding), (padding, padding)), **kwargs)
+  layers = {'space_to_depth': SpaceToDepthConv, 'tiled': TiledConv}
+  return layers[mode](features, 11, 4, padding, **kwargs)
 
 
 def feature_map_sizes(image_size: int, variant: str, pool_window: int = 3,
@@ -552,15 +575,11 @@ class AlexNet(nn.Module):
     act = ACTIVATIONS[self.activation]
 
     x = images.astype(self.dtype)
-    conv1 = {'space_to_depth': SpaceToDepthConv, 'tiled': TiledConv}.get(
-        lowering('conv1', self.conv1))
-    if conv1:
-      kernel_init, bias_init = _initializers(self.init_scheme, 'conv1')
-      x = conv1(c1, 11, 4, arch.conv1_padding, dtype=self.dtype,
-                param_dtype=self.param_dtype, kernel_init=kernel_init,
-                bias_init=bias_init, name='conv1')(x)
-    else:
-      x = self._conv(x, 'conv1', c1, 11, arch.conv1_padding, stride=4)
+    kernel_init, bias_init = _initializers(self.init_scheme, 'conv1')
+    x = conv1_module(lowering('conv1', self.conv1), c1, arch.conv1_padding,
+                     dtype=self.dtype, param_dtype=self.param_dtype,
+                     kernel_init=kernel_init, bias_init=bias_init,
+                     name='conv1')(x)
     x = act(x)
     if use_lrn:
       x = self._lrn(x, columns)

@@ -229,6 +229,44 @@ def _jax(sizes, lowerings):
   return rows
 
 
+def _median_ms(fn, *args, steps: int) -> float:
+  import jax
+  jax.block_until_ready(fn(*args))
+  times = []
+  for _ in range(steps):
+    start = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    times.append(time.perf_counter() - start)
+  return 1e3 * sorted(times)[len(times) // 2]
+
+
+def conv1_times(sizes) -> dict:
+  """(case name, variant, lowering) -> (forward ms, forward and weight
+  gradient ms) of conv1 alone, at each case's batch, size and kernels."""
+  import jax
+  import jax.numpy as jnp
+  from alexnet_jax import models
+  times = {}
+  for name, variant, width, size, classes, batch in sizes['cases']:
+    model = models.AlexNet(variant=variant, width=width, num_classes=classes)
+    kernels = model.scaled(model.arch.conv_features[0])
+    images = jax.random.normal(jax.random.key(0), (batch, size, size, 3))
+    for mode in models.LOWERINGS['conv1'][0]:
+      layer = models.conv1_module(mode, kernels, model.arch.conv1_padding)
+      params = layer.init(jax.random.key(1), images)
+      forward = jax.jit(layer.apply)
+      # The images are data: only the parameters' gradient, as in training.
+      train = jax.jit(jax.grad(lambda p, x, layer=layer: jnp.sum(
+          layer.apply(p, x) ** 2)))
+      times[name, variant, mode] = (
+          _median_ms(forward, params, images, steps=sizes['steps']),
+          _median_ms(train, params, images, steps=sizes['steps']))
+      print(f'conv1 {variant} {name} {mode}: forward '
+            f'{times[name, variant, mode][0]:.2f} ms, with the weight '
+            f'gradient {times[name, variant, mode][1]:.2f} ms', flush=True)
+  return times
+
+
 def _best(rounds):
   """Per (variant, width): the row with the most images/s over the rounds."""
   best = {}
@@ -241,8 +279,9 @@ def _best(rounds):
 
 
 def format_table(sizes, torch_best, xla_best, auto_best, errors,
-                 environment, profiles, elapsed) -> str:
+                 environment, profiles, elapsed, conv1=None) -> str:
   import jax
+  from alexnet_jax import models
   command = 'python benchmarks/cpu.py' + (' --tiny' if FLAGS.tiny else '') + (
       ' --profile' if FLAGS.profile else '')
   lines = [
@@ -267,6 +306,21 @@ def format_table(sizes, torch_best, xla_best, auto_best, errors,
                  f'{batch} | ' + ' | '.join(cells) + f' | {ratio} |')
   if errors:
     lines += ['', 'PyTorch stopped early: ' + '; '.join(errors)]
+  if conv1:
+    modes = sorted({mode for _, _, mode in conv1})
+    lines += ['', 'conv1 alone, ms: the forward pass / the forward pass and '
+              'the weight gradient (median of its timed runs, one round):',
+              '', '| layer | batch, kernels | ' + ' | '.join(
+                  f'`{m}`' for m in modes) + ' |',
+              '|---|---|' + '---|' * len(modes)]
+    for name, variant, width, size, classes, batch in sizes['cases']:
+      model = models.AlexNet(variant=variant, width=width,
+                             num_classes=classes)
+      cells = [' / '.join(f'{ms:.1f}' for ms in conv1[name, variant, m])
+               for m in modes]
+      lines.append(f'| conv1 of {variant}, {name} ({size}x{size}) | {batch}, '
+                   f'{model.scaled(model.arch.conv_features[0])} | '
+                   + ' | '.join(cells) + ' |')
   for variant, per_class in profiles.items():
     total = sum(per_class.values())
     lines += ['', f'Where the {variant} step goes, `auto` lowerings (jax '
@@ -297,6 +351,7 @@ def main(argv):
     errors += round_errors
     xla_rounds.append(_jax(sizes, XLA_LOWERINGS))
     auto_rounds.append(_jax(sizes, _auto()))
+  conv1 = conv1_times(sizes)
   profiles = {}
   if FLAGS.profile:
     for name, variant, width, size, classes, batch in sizes['cases'][:2]:
@@ -305,7 +360,7 @@ def main(argv):
           sizes['profile_steps'])
   table = format_table(sizes, _best(torch_rounds), _best(xla_rounds),
                        _best(auto_rounds), errors, environment, profiles,
-                       time.monotonic() - start)
+                       time.monotonic() - start, conv1)
   common.write_between_markers(out, BEGIN, END, table)
   print(table)
   print(f'written into {out}')

@@ -112,6 +112,12 @@ def test_benchmark_fed_by_the_input_pipeline(tmp_path):
   for key in ('loader_img_per_s', 'img_per_s', 'end_to_end_img_per_s'):
     assert result[key] > 0, key
   assert result['bytes_to_device_per_image'] == 67 * 67 * 3 + 4 + 8 + 1 + 12
+  # Each stage of a training example timed alone, and the whole of it.
+  stages = loader_benchmark.time_stages(str(tmp_path), image_size=67,
+                                        decoder=None, images=16)
+  assert list(stages) == ['record read', 'decode', 'draws', 'patch copy',
+                          'whole example']
+  assert all(us > 0 for us in stages.values()), stages
 
 
 def test_torch_reference_has_the_project_models():
@@ -185,6 +191,13 @@ def test_cpu_suite_tiny_mode(tmp_path):
             if line.startswith('| original, tiny')]
   peer, xla, auto, ratio = (c.strip() for c in row.split('|')[3:7])
   assert 'not run' not in (peer, xla, auto) and ratio.endswith('x'), row
+  # conv1 alone in each of its lowerings, forward / with its weight gradient.
+  (conv1,) = [line for line in text.splitlines()
+              if line.startswith('| conv1 of original, tiny')]
+  times = [[float(ms) for ms in c.split(' / ')]
+           for c in conv1.split('|')[3:-1]]
+  assert len(times) == 3 and all(
+      len(t) == 2 and min(t) > 0 for t in times), conv1
   # The profile's classes add up to its total, and the convolutions and
   # pooling of both passes are among them.
   profile = text.split('Where the original')[1].splitlines()
