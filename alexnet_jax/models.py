@@ -203,12 +203,12 @@ def _direct_conv(x: jax.Array, kernel: jax.Array, stride: int,
 
 
 # On the CPU measured (docs/benchmarks.md), XLA's convolution kernels
-# (XNNPACK) compute conv1 several times faster in smaller pieces: the forward
-# pass at most 16 kernels at a time, unless they come in multiples of 64,
-# which it handles whole; and, for a batch of more than TILE_BATCH_PIXELS
-# input pixels, the weight gradient a few images at a time, about
+# (XNNPACK) compute conv1 on a batch of more than TILE_BATCH_PIXELS input
+# pixels several times faster in smaller pieces: the forward pass at most
+# TILE_KERNELS kernels at a time, unless they come in multiples of 64, which
+# it handles whole; the weight gradient a few images at a time, about
 # TILE_PIXELS, in at most TILE_SLICES slices (so that a large batch's
-# program stays small). A smaller batch's weight gradient is as fast whole.
+# program stays small). A smaller batch is as fast whole.
 TILE_KERNELS = 16
 TILE_PIXELS = 2 ** 17
 TILE_BATCH_PIXELS = 2 ** 19
@@ -218,15 +218,13 @@ TILE_SLICES = 8
 def tiled_conv(x: jax.Array, kernel: jax.Array, stride: int,
                padding: int) -> jax.Array:
   """`_direct_conv(x, kernel, stride, padding)`, NHWC and HWIO, computed in
-  tiles: blocks of TILE_KERNELS output features in the forward pass (whole
-  up to TILE_KERNELS and in multiples of 64), and the weight gradient of a
-  batch of more than TILE_BATCH_PIXELS pixels summed, in float32, over
-  slices of about TILE_PIXELS. Where neither applies it is the direct
-  convolution."""
+  tiles when the batch has more than TILE_BATCH_PIXELS pixels: blocks of
+  TILE_KERNELS output features in the forward pass (whole up to
+  TILE_KERNELS and in multiples of 64), and the weight gradient summed, in
+  float32, over slices of about TILE_PIXELS. A smaller batch takes the
+  direct convolution."""
   n, height, width, _ = x.shape
-  features = kernel.shape[-1]
-  if ((features <= TILE_KERNELS or features % 64 == 0)
-      and n * height * width <= TILE_BATCH_PIXELS):
+  if n * height * width <= TILE_BATCH_PIXELS:
     return _direct_conv(x, kernel, stride, padding)
   return _tiled_conv(x, kernel, stride, padding)
 
@@ -253,12 +251,10 @@ def _tiled_conv_bwd(stride, padding, residuals, dy):
   dx = jax.vjp(lambda x: conv(x, kernel), x)[1](dy)[0]
   n, height, width = x.shape[:3]
   # The largest power of two of images within TILE_PIXELS, at least one, in
-  # at most TILE_SLICES slices; the whole batch when it is small.
+  # at most TILE_SLICES slices.
   rows = min(n, 1 << max((TILE_PIXELS // (height * width)).bit_length() - 1,
                          0))
   rows = max(rows, -(-n // TILE_SLICES))
-  if n * height * width <= TILE_BATCH_PIXELS:
-    rows = n
   dk = sum(jax.vjp(lambda k, i=i: conv(x[i:i + rows], k), kernel)[1](
       dy[i:i + rows])[0].astype(jnp.float32) for i in range(0, n, rows))
   return dx, dk.astype(kernel.dtype)
@@ -267,9 +263,10 @@ def _tiled_conv_bwd(stride, padding, residuals, dy):
 _tiled_conv.defvjp(_tiled_conv_fwd, _tiled_conv_bwd)
 
 
-class TiledConv(nn.Module):
-  """`nn.Conv` (square, symmetric padding), parameters and all, computed by
-  `tiled_conv`."""
+class _SquareConv(nn.Module):
+  """The fields of `nn.Conv` for a square kernel, a square stride and
+  symmetric padding, which the lowerings below share; `_conv_parameters`
+  declares its parameters."""
 
   features: int
   kernel_size: int
@@ -280,13 +277,17 @@ class TiledConv(nn.Module):
   kernel_init: Any = nn.initializers.lecun_normal()
   bias_init: Any = nn.initializers.zeros
 
+
+class TiledConv(_SquareConv):
+  """`nn.Conv`, parameters and all, computed by `tiled_conv`."""
+
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     x, kernel, bias = _conv_parameters(self, x)
     return tiled_conv(x, kernel, self.stride, self.padding) + bias
 
 
-class SpaceToDepthConv(nn.Module):
+class SpaceToDepthConv(_SquareConv):
   """A square convolution with stride > 1 (conv1) computed stride 1.
 
   The input is padded so that each output's receptive field covers whole
@@ -298,15 +299,6 @@ class SpaceToDepthConv(nn.Module):
   parameter tree, checkpoints and converted weights are those of the direct
   convolution.
   """
-
-  features: int
-  kernel_size: int
-  stride: int
-  padding: int
-  dtype: Any = jnp.float32
-  param_dtype: Any = jnp.float32
-  kernel_init: Any = nn.initializers.lecun_normal()
-  bias_init: Any = nn.initializers.zeros
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -375,25 +367,18 @@ def _strided_max_pool_bwd(window, stride, residuals, g):
 strided_max_pool.defvjp(_strided_max_pool_fwd, _strided_max_pool_bwd)
 
 
-class SplitGroupConv(nn.Module):
+class SplitGroupConv(_SquareConv):
   """`nn.Conv(feature_group_count=groups)`, parameters and all, computed as
   one ungrouped convolution per group: group g's kernels see only group g's
   input maps, so the kernel's output features split the same way."""
 
-  features: int
-  kernel_size: int
-  padding: int
-  groups: int
-  dtype: Any = jnp.float32
-  param_dtype: Any = jnp.float32
-  kernel_init: Any = nn.initializers.lecun_normal()
-  bias_init: Any = nn.initializers.zeros
+  groups: int = 1
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     x, kernel, bias = _conv_parameters(self, x, self.groups)
     y = jnp.concatenate([
-        _direct_conv(xg, kg, 1, self.padding)
+        _direct_conv(xg, kg, self.stride, self.padding)
         for xg, kg in zip(jnp.split(x, self.groups, axis=-1),
                           jnp.split(kernel, self.groups, axis=-1))], axis=-1)
     return y + bias
@@ -513,7 +498,7 @@ class AlexNet(nn.Module):
   def _conv(self, x, layer, features, kernel, padding, groups=1, stride=1):
     kernel_init, bias_init = _initializers(self.init_scheme, layer)
     if groups > 1 and lowering('grouped_conv', self.grouped_conv) == 'split':
-      return SplitGroupConv(features, kernel, padding, groups,
+      return SplitGroupConv(features, kernel, stride, padding, groups=groups,
                             dtype=self.dtype, param_dtype=self.param_dtype,
                             kernel_init=kernel_init, bias_init=bias_init,
                             name=layer)(x)

@@ -106,13 +106,13 @@ def test_conv1_layer_same_outputs_and_gradients(padding, size):
   test_parallel.assert_trees_close(got_grads, want_grads, 'conv1 gradient')
 
 
-# Kernels within a tile (12), more than a tile (24: a block and a half; 40:
-# two and a half) and in multiples of 64 (whole in the forward pass); batches
-# small enough for a whole weight gradient (3) and larger ones in slices, the
-# last one short (99x99: slices of 8 images; of 9 for 70, which would take
-# more than TILE_SLICES slices of 8).
+# A batch small enough to be computed whole (10 at 99x99) and large ones in
+# tiles: kernels within a tile (12), more than a tile (24: a block and a
+# half; 40: two and a half) and in multiples of 64 (whole in the forward
+# pass); weight-gradient slices of 8 images, the last one short, and of 9
+# for 70, which would take more than TILE_SLICES slices of 8.
 @pytest.mark.parametrize('padding', [0, 2])
-@pytest.mark.parametrize('features,batch', [(12, 60), (24, 60), (40, 3),
+@pytest.mark.parametrize('features,batch', [(24, 10), (12, 60), (40, 60),
                                             (64, 70)])
 def test_tiled_conv1_is_the_direct_one(padding, features, batch):
   images = jax.random.normal(jax.random.key(0), (batch, 99, 99, 3))
