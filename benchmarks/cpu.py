@@ -240,6 +240,13 @@ def _median_ms(fn, *args, steps: int) -> float:
   return 1e3 * sorted(times)[len(times) // 2]
 
 
+def _conv1_shape(variant: str, width: float) -> tuple[int, int]:
+  """(kernels, padding) of the network's conv1."""
+  from alexnet_jax import models
+  model = models.AlexNet(variant=variant, width=width)
+  return model.scaled(model.arch.conv_features[0]), model.arch.conv1_padding
+
+
 def conv1_times(sizes) -> dict:
   """(case name, variant, lowering) -> (forward ms, forward and weight
   gradient ms) of conv1 alone, at each case's batch, size and kernels."""
@@ -247,12 +254,11 @@ def conv1_times(sizes) -> dict:
   import jax.numpy as jnp
   from alexnet_jax import models
   times = {}
-  for name, variant, width, size, classes, batch in sizes['cases']:
-    model = models.AlexNet(variant=variant, width=width, num_classes=classes)
-    kernels = model.scaled(model.arch.conv_features[0])
+  for name, variant, width, size, _, batch in sizes['cases']:
+    kernels, padding = _conv1_shape(variant, width)
     images = jax.random.normal(jax.random.key(0), (batch, size, size, 3))
     for mode in models.LOWERINGS['conv1'][0]:
-      layer = models.conv1_module(mode, kernels, model.arch.conv1_padding)
+      layer = models.conv1_module(mode, kernels, padding)
       params = layer.init(jax.random.key(1), images)
       forward = jax.jit(layer.apply)
       # The images are data: only the parameters' gradient, as in training.
@@ -281,7 +287,6 @@ def _best(rounds):
 def format_table(sizes, torch_best, xla_best, auto_best, errors,
                  environment, profiles, elapsed, conv1=None) -> str:
   import jax
-  from alexnet_jax import models
   command = 'python benchmarks/cpu.py' + (' --tiny' if FLAGS.tiny else '') + (
       ' --profile' if FLAGS.profile else '')
   lines = [
@@ -313,13 +318,11 @@ def format_table(sizes, torch_best, xla_best, auto_best, errors,
               '', '| layer | batch, kernels | ' + ' | '.join(
                   f'`{m}`' for m in modes) + ' |',
               '|---|---|' + '---|' * len(modes)]
-    for name, variant, width, size, classes, batch in sizes['cases']:
-      model = models.AlexNet(variant=variant, width=width,
-                             num_classes=classes)
+    for name, variant, width, size, _, batch in sizes['cases']:
       cells = [' / '.join(f'{ms:.1f}' for ms in conv1[name, variant, m])
                for m in modes]
       lines.append(f'| conv1 of {variant}, {name} ({size}x{size}) | {batch}, '
-                   f'{model.scaled(model.arch.conv_features[0])} | '
+                   f'{_conv1_shape(variant, width)[0]} | '
                    + ' | '.join(cells) + ' |')
   for variant, per_class in profiles.items():
     total = sum(per_class.values())
