@@ -12,6 +12,7 @@ import json
 import logging as logging_lib
 import math
 import os
+import sys
 
 import jax
 import numpy as np
@@ -37,6 +38,26 @@ def read_metrics(workdir: str) -> list[dict]:
   return records
 
 
+def _summary_writer_class():
+  """tensorboardX's SummaryWriter, imported without PyTorch.
+
+  Where PyTorch is installed (Colab, the test environment), tensorboardX
+  imports it at once, only to accept its tensors: 1.5 s and a few hundred MB
+  more for every run, which writes Python floats. Unless something has already
+  imported torch, it is hidden for the length of the import.
+  """
+  if 'torch' in sys.modules:
+    from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
+    return SummaryWriter
+  sys.modules['torch'] = None  # `import torch` raises ImportError
+  try:
+    from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
+  finally:
+    if sys.modules.get('torch', 0) is None:
+      del sys.modules['torch']
+  return SummaryWriter
+
+
 class MetricWriter:
 
   def __init__(self, workdir: str, *, resume_step: int):
@@ -54,11 +75,11 @@ class MetricWriter:
     except OSError as e:
       raise _write_error(e, tmp) from e
     try:
-      from tensorboardX import SummaryWriter
+      summary_writer = _summary_writer_class()
     except ImportError:  # TensorBoard output is optional; metrics.jsonl is not.
       logging.warning('tensorboardX is not installed: no TensorBoard events.')
     else:
-      self._tb = SummaryWriter(os.path.join(workdir, 'tensorboard'))
+      self._tb = summary_writer(os.path.join(workdir, 'tensorboard'))
 
   def write(self, record: dict):
     if not self.enabled:

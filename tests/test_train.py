@@ -114,6 +114,22 @@ def test_tensorboard_events(first_run):
              for name in events)
 
 
+def test_tensorboard_events_without_importing_pytorch(tmp_path):
+  # PyTorch is installed here, as on Colab; a run writes floats and must not
+  # pay for importing it (tensorboardX would, at once).
+  code = ('import sys; from alexnet_jax import metrics_io\n'
+          f'w = metrics_io.MetricWriter({str(tmp_path)!r}, resume_step=0)\n'
+          "w.write({'step': 1, 'split': 'train', 'loss': 2.5}); w.close()\n"
+          "assert 'torch' not in sys.modules, 'imported torch'\n"
+          'import torch  # still importable afterwards\n')
+  done = subprocess.run([sys.executable, '-c', code], env=command_env(),
+                        cwd=REPO_ROOT, capture_output=True, text=True,
+                        timeout=120, check=False)
+  assert done.returncode == 0, done.stderr[-3000:]
+  (events,) = os.listdir(tmp_path / 'tensorboard')
+  assert b'train/loss' in (tmp_path / 'tensorboard' / events).read_bytes()
+
+
 def test_checkpoints_written(first_run):
   entries = first_run['checkpoints']
   # Due every 2 steps, and at the evaluation of step 4; none left half-written.
