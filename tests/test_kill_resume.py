@@ -44,7 +44,7 @@ IMAGE_SIZE = 67
 # window (a few hundred ms) easier to hit.
 PARALLEL_RUNS = 2
 RUN_TIMEOUT = 300
-# Every scenario runs two or three subprocesses, two scenarios at a time.
+# Every scenario runs three to six subprocesses, two scenarios at a time.
 SCENARIO_TIMEOUT = 1800
 # Written by every record; images_per_sec is a timing and differs by nature.
 COMPARED_KEYS = ('step', 'split', 'epoch', 'loss', 'top1', 'top5', 'lr')
@@ -143,33 +143,30 @@ def _none_past(step):
   return check
 
 
+# Each scenario kills one workdir's runs one after another, so that a restart
+# is itself killed where a fresh run would be: fewer runs, the same moments.
 SCENARIOS = {
-    # The first record is step 2's; the first checkpoint is step 3's.
-    'before_first_checkpoint': Scenario(
-        moments=(faults.before_first_checkpoint(),),
-        resumes_from=(frozenset({None}),),
-        check_entries=(_no_checkpoint,)),
+    # The first record is step 2's; the first checkpoint is step 3's: killed
+    # before it, the restart starts afresh. Then checkpoint 9 is complete and
+    # step 10 logged; checkpoint 9 carries step 9's metrics, which the log of
+    # step 10 averages with step 10's.
+    'before_first_checkpoint_then_between_checkpoints': Scenario(
+        moments=(faults.before_first_checkpoint(),
+                 faults.all_of(faults.after_checkpoint(9),
+                               faults.after_train_record(10))),
+        resumes_from=(frozenset({None}), frozenset({9})),
+        check_entries=(_no_checkpoint, _complete_up_to(9))),
     # A periodic checkpoint half on disk: the restart ignores the temporary
     # directory, resumes from the evaluation's checkpoint and saves 6 again.
-    'periodic_checkpoint_being_written': Scenario(
-        moments=(faults.when_checkpoint_writing(6),),
-        resumes_from=(frozenset({4}),),
-        check_entries=(_mid_write(6),)),
-    # The evaluation of step 8 is in metrics.jsonl, and its checkpoint only
-    # just started (saving takes a few hundred ms): the restart drops the
+    # Then the evaluation of step 8 is in metrics.jsonl, and its checkpoint
+    # only just started (saving takes a few hundred ms): the restart drops the
     # records after the checkpoint it resumes from and evaluates again. 8 is
     # allowed in case the save outran the kill on a loaded machine.
-    'right_after_evaluation': Scenario(
-        moments=(faults.after_eval_record(8),),
-        resumes_from=(frozenset({6, 8}),),
-        check_entries=(_none_past(8),)),
-    # Checkpoint 9 is complete and step 10 logged; checkpoint 9 carries step
-    # 9's metrics, which the log of step 10 averages with step 10's.
-    'between_checkpoints': Scenario(
-        moments=(faults.all_of(faults.after_checkpoint(9),
-                               faults.after_train_record(10)),),
-        resumes_from=(frozenset({9}),),
-        check_entries=(_complete_up_to(9),)),
+    'checkpoint_being_written_then_right_after_evaluation': Scenario(
+        moments=(faults.when_checkpoint_writing(6),
+                 faults.after_eval_record(8)),
+        resumes_from=(frozenset({4}), frozenset({6, 8})),
+        check_entries=(_mid_write(6), _none_past(8))),
     # Twice: during the first evaluation's checkpoint (the restart resumes
     # from checkpoint 3 and its metric window), then during the last one's,
     # after the final evaluation record was written.
@@ -224,7 +221,9 @@ def launched(tmp_path_factory):
   """
   pool = thread_pool.ThreadPool(PARALLEL_RUNS)
   jobs = {}
-  for name in ('reference', *SCENARIOS):
+  # The scenarios of most runs first, so that both threads finish together.
+  runs = lambda name: len(SCENARIOS[name].moments) if name in SCENARIOS else 0
+  for name in sorted(('reference', *SCENARIOS), key=runs, reverse=True):
     workdir = str(tmp_path_factory.mktemp(name))
     log_dir = str(tmp_path_factory.mktemp(f'{name}_logs'))
     if name == 'reference':
