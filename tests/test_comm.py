@@ -37,6 +37,7 @@ import sys
 import jax
 import pytest
 
+from commands import command_env
 from alexnet_jax import comm
 from configs import two_gpu
 
@@ -341,8 +342,7 @@ def test_parser_reads_async_and_combined_collectives():
 
 
 def test_command_line_prints_a_table_per_scheme():
-  env = dict(os.environ, JAX_PLATFORMS='cpu',
-             JAX_DISABLE_MOST_OPTIMIZATIONS='true')
+  env = command_env()
   proc = subprocess.run(
       [sys.executable, '-m', 'alexnet_jax.comm',
        '--config=configs/two_gpu.py:synthetic'],

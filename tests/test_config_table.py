@@ -17,6 +17,7 @@ import jax
 import ml_collections
 import pytest
 
+from commands import command_env
 from alexnet_jax import train, validation
 from configs import default
 
@@ -221,8 +222,7 @@ def test_impossible_value_is_refused(field, value, tmp_path, monkeypatch):
 ], ids=['width', 'mesh_shape'])
 def test_command_line_refuses_wrong_type(flag, field, tmp_path):
   workdir = tmp_path / 'work'
-  env = dict(os.environ, JAX_PLATFORMS='cpu',
-             JAX_DISABLE_MOST_OPTIMIZATIONS='true')
+  env = command_env()
   result = subprocess.run(
       [sys.executable, '-m', 'alexnet_jax.main',
        '--config=configs/one_gpu.py:synthetic', f'--workdir={workdir}',

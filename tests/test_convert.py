@@ -15,6 +15,7 @@ import pytest
 import torch
 from torch import nn
 
+from commands import command_env
 from alexnet_jax import convert, models, runs
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -199,9 +200,7 @@ def _env(tmp_root):
   hidden.mkdir(parents=True, exist_ok=True)
   (hidden / '__init__.py').write_text(
       "raise ImportError('PyTorch is not installed here')\n")
-  return dict(os.environ, JAX_PLATFORMS='cpu',
-              JAX_DISABLE_MOST_OPTIMIZATIONS='true',
-              PYTHONPATH=f'{hidden.parent}{os.pathsep}{REPO_ROOT}')
+  return command_env(PYTHONPATH=f'{hidden.parent}{os.pathsep}{REPO_ROOT}')
 
 
 def _command(*args):

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from commands import command_env
 from alexnet_jax import prepare, store
 from fake_ilsvrc import make_fake_ilsvrc2012
 
@@ -416,7 +417,7 @@ def test_train_an_epoch_and_evaluate_with_ten_patches(imagenet, tmp_path):
   # epoch through the command line and is evaluated with the paper's ten
   # patches, by the trainer and again by the evaluate command.
   workdir = str(tmp_path / 'work')
-  env = dict(os.environ, JAX_PLATFORMS='cpu')
+  env = command_env()
   trained = subprocess.run(
       [sys.executable, '-m', 'alexnet_jax.main',
        '--config=configs/one_gpu.py:synthetic', f'--workdir={workdir}',
