@@ -4,9 +4,9 @@ The schemes ('data', 'two_column', 'weird_trick') only decide where each part
 of the network runs; numerically each must be the single-device model
 (parallelism='none'). These tests state that as a specification:
 
-  * loss, gradients and parameters after a few optimizer steps agree with the
-    single-device model on 2, 4 and 8 devices, and every parameter carries the
-    sharding its scheme promises;
+  * loss and gradients agree with the single-device model on 2, 4 and 8
+    devices, and so do the parameters after a few optimizer steps on 4; every
+    parameter carries the sharding its scheme promises;
   * with dropout on, every device draws its own masks;
   * a checkpoint written under one scheme restores under another;
   * training steps in float64 give the same loss curve under every scheme.
@@ -60,6 +60,13 @@ SCHEME_CASES = (
     + [('two_column', 'original', n) for n in (2, 4, 8)]
     + [('weird_trick', variant, n)
        for variant in ('original', 'owt') for n in (2, 4, 8)])
+
+
+# Optimizer steps, on the 4-device meshes: the one where the two columns are
+# also split over the batch (2x2). Gradients are compared on every mesh above;
+# the steps add the update and where the momentum lives, which do not depend
+# on the device count.
+STEP_CASES = [case for case in SCHEME_CASES if case[2] == 4]
 
 
 def case_id(case) -> str:
@@ -207,7 +214,7 @@ def test_loss_and_gradients_equal_single_device(setups, case):
   assert_trees_close(grads, expected_grads, 'gradient')
 
 
-@pytest.mark.parametrize('case', SCHEME_CASES, ids=case_id)
+@pytest.mark.parametrize('case', STEP_CASES, ids=case_id)
 def test_three_steps_equal_single_device(setups, case):
   _, variant, _ = case
   ref = reference(setups, variant)
@@ -267,8 +274,9 @@ def test_parameters_have_the_scheme_sharding(setups, case):
     expected_mesh = {'data': num_devices // 2, 'model': 2}
   assert dict(setup.scheme.mesh.shape) == expected_mesh
 
-  # The state after three steps: the train step must keep the layout too.
-  state, _ = setup.after_three_steps
+  # As created, and after three steps: the train step must keep the layout.
+  state = (setup.after_three_steps[0] if case in STEP_CASES
+           else setup.initial)
   params = state['params']
   assert set(params) == {'conv1', 'conv2', 'conv3', 'conv4', 'conv5', 'fc6',
                          'fc7', 'fc8'}
@@ -326,14 +334,9 @@ def record_dropout_masks(setup: Setup, batch):
   return masks
 
 
-@pytest.mark.parametrize('case', [
-    ('data', 'original', 4),
-    # A 2x2 mesh: column halves (devices 0, 1) and pairs that see different
-    # batch shards.
-    ('two_column', 'original', 4),
-    ('weird_trick', 'original', 4),
-    ('weird_trick', 'owt', 4),
-], ids=case_id)
+# For two_column, a 2x2 mesh: column halves (devices 0, 1) and pairs that see
+# different batch shards.
+@pytest.mark.parametrize('case', STEP_CASES, ids=case_id)
 def test_every_device_draws_its_own_dropout_masks(setups, case):
   num_devices = case[2]
   setup = setups(*case)
