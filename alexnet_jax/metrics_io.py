@@ -42,9 +42,10 @@ def _summary_writer_class():
   """tensorboardX's SummaryWriter, imported without PyTorch.
 
   Where PyTorch is installed (Colab, the test environment), tensorboardX
-  imports it at once, only to accept its tensors: 1.5 s and a few hundred MB
-  more for every run, which writes Python floats. Unless something has already
-  imported torch, it is hidden for the length of the import.
+  imports it at once, only to accept its tensors: 1.5 s and about 150 MB more
+  for every run, which writes Python floats. Unless something has already
+  imported torch, it is hidden for the length of the import, and importable
+  again after it.
   """
   if 'torch' in sys.modules:
     from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
@@ -53,7 +54,7 @@ def _summary_writer_class():
   try:
     from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
   finally:
-    if sys.modules.get('torch', 0) is None:
+    if 'torch' in sys.modules and sys.modules['torch'] is None:
       del sys.modules['torch']
   return SummaryWriter
 
