@@ -114,9 +114,7 @@ def compiled_step(config, store_dir: str | None = None) -> dict:
   tx = optim.make_optimizer(config)
   state, shardings = train.create_train_state(model, tx, scheme, image_size,
                                               config.seed)
-  lr_multipliers = None
-  if config.optimizer.batch_scaling != 'none':
-    lr_multipliers = optim.layer_lr_multipliers(config, state['params'])
+  lr_multipliers = optim.step_lr_multipliers(config, state['params'])
   train_step = train.make_train_step(model, tx, scheme, shardings,
                                      lr_multipliers)
 

@@ -435,9 +435,7 @@ def _lower_train_step(config, scheme_name: str, devices):
   tx = optim.make_optimizer(config)
   state, shardings = _abstract_train_state(model, tx, scheme, image_size,
                                            config.seed)
-  lr_multipliers = None
-  if config.optimizer.batch_scaling != 'none':
-    lr_multipliers = optim.layer_lr_multipliers(config, state['params'])
+  lr_multipliers = optim.step_lr_multipliers(config, state['params'])
   train_step = train.make_train_step(model, tx, scheme, shardings,
                                      lr_multipliers)
   batch_sharding = scheme.sharding(scheme.batch_spec)

@@ -117,3 +117,11 @@ def layer_lr_multipliers(config, params):
                      f"or 'linear_conv', got {rule!r}")
   return jax.tree_util.tree_map_with_path(
       lambda path, _: factor(path[0].key), params)
+
+
+def step_lr_multipliers(config, params):
+  """`layer_lr_multipliers` as `train.make_train_step` takes them: None under
+  'none', where every factor is 1 and the step need multiply nothing."""
+  if config.optimizer.batch_scaling == 'none':
+    return None
+  return layer_lr_multipliers(config, params)

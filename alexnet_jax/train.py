@@ -441,9 +441,7 @@ def _train_and_evaluate(config, workdir: str, scheme: parallel.Scheme,
     # The run's config, for `evaluate`, `predict`, fine-tuning and the record.
     runs.write_config(workdir, config)
 
-  lr_multipliers = None
-  if config.optimizer.batch_scaling != 'none':
-    lr_multipliers = optim.layer_lr_multipliers(config, state['params'])
+  lr_multipliers = optim.step_lr_multipliers(config, state['params'])
   train_step = make_train_step(model, tx, scheme, shardings, lr_multipliers)
   eval_step = make_eval_step(model, scheme, shardings['params'])
   constants = device_constants(scheme, dataset)

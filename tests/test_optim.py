@@ -299,6 +299,16 @@ def test_layer_lr_multipliers_at_reference_batch_are_one():
       assert float(value) == 1.0
 
 
+def test_the_step_multiplies_nothing_under_none():
+  config = _config(batch_scaling='none', reference_batch_size=128)
+  config.batch_size = 512
+  assert optim.step_lr_multipliers(config, _all_layers()) is None
+  config = _config(batch_scaling='linear_conv', reference_batch_size=128)
+  config.batch_size = 512
+  assert jax.tree.leaves(optim.step_lr_multipliers(config, _all_layers())) == (
+      jax.tree.leaves(optim.layer_lr_multipliers(config, _all_layers())))
+
+
 def test_sqrt_multiplier_for_uneven_ratio():
   config = _config(batch_scaling='sqrt', reference_batch_size=128)
   config.batch_size = 384
