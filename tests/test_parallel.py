@@ -63,10 +63,10 @@ SCHEME_CASES = (
        for variant in ('original', 'owt') for n in (2, 4, 8)])
 
 
-# Optimizer steps, on the 4-device meshes: the one where the two columns are
-# also split over the batch (2x2). Gradients are compared on every mesh above;
-# the steps add the update and where the momentum lives, which do not depend
-# on the device count.
+# Optimizer steps, on the 4-device meshes (for two_column the 2x2 one, whose
+# columns are also split over the batch). The gradients are compared on every
+# mesh above, and every mesh's shardings as created below: the steps add the
+# update itself, and that it keeps the layout.
 STEP_CASES = [case for case in SCHEME_CASES if case[2] == 4]
 
 
