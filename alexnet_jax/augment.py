@@ -165,10 +165,40 @@ def lighting_colour(eigval: np.ndarray, eigvec: np.ndarray,
                     rng: np.random.Generator, sigma: float = 0.1
                     ) -> np.ndarray:
   """The colour `pca_lighting` adds, float32 [3] on the 0..255 scale."""
-  alpha = rng.normal(0.0, sigma, size=3)
-  rgb = 255.0 * (np.asarray(eigvec, np.float64)
-                 @ (alpha * np.asarray(eigval, np.float64)))
-  return rgb.astype(np.float32)
+  return lighting_colours(lighting_coefficients(rng, sigma)[None], eigval,
+                          eigvec)[0]
+
+
+def lighting_coefficients(rng: np.random.Generator, sigma: float = 0.1
+                          ) -> np.ndarray:
+  """The a_i of `pca_lighting`: three normal draws, float64 [3]."""
+  return rng.normal(0.0, sigma, size=3)
+
+
+def lighting_colours(alphas: np.ndarray, eigval: np.ndarray,
+                     eigvec: np.ndarray) -> np.ndarray:
+  """255 [p1 p2 p3][a1 l1, a2 l2, a3 l3]^T for each row of `alphas`
+  ([N, 3] coefficients), float32 [N, 3].
+
+  Written as products and sums in a fixed order, in float64, rather than a
+  matrix product, whose rounding may depend on how many rows it is given:
+  one example and a whole batch of them get the same colours.
+  """
+  weights = np.asarray(alphas, np.float64) * np.asarray(eigval, np.float64)
+  eigvec = np.asarray(eigvec, np.float64)
+  rgb = (weights[:, 0:1] * eigvec[:, 0] + weights[:, 1:2] * eigvec[:, 1]
+         + weights[:, 2:3] * eigvec[:, 2])
+  return (255.0 * rgb).astype(np.float32)
+
+
+def draw_train(shape: tuple[int, int], size: int, rng: np.random.Generator,
+               lighting_sigma: float = 0.1
+               ) -> tuple[int, int, bool, np.ndarray]:
+  """(top, left, reflected, lighting coefficients): what `train_example`
+  draws from `rng`, in its order, for an image of `shape`."""
+  top, left = crop_position(shape, size, rng)
+  reflected = reflection(rng)
+  return top, left, reflected, lighting_coefficients(rng, lighting_sigma)
 
 
 def train_draws(shape: tuple[int, int], size: int, eigval: np.ndarray,
@@ -176,11 +206,10 @@ def train_draws(shape: tuple[int, int], size: int, eigval: np.ndarray,
                 lighting_sigma: float = 0.1
                 ) -> tuple[int, int, bool, np.ndarray]:
   """(top, left, reflected, lighting colour): the values `train_example`
-  draws from `rng`, in its order, for an image of `shape`."""
-  top, left = crop_position(shape, size, rng)
-  reflected = reflection(rng)
-  return top, left, reflected, lighting_colour(eigval, eigvec, rng,
-                                               lighting_sigma)
+  draws from `rng`, with the colour it adds (`lighting_colour`)."""
+  top, left, reflected, alpha = draw_train(shape, size, rng, lighting_sigma)
+  return top, left, reflected, lighting_colours(alpha[None], eigval,
+                                                eigvec)[0]
 
 
 def center_crop(image: np.ndarray, size: int) -> np.ndarray:

@@ -39,7 +39,7 @@ from typing import Callable, Iterator
 import numpy as np
 from absl import logging
 
-from alexnet_jax import augment, store
+from alexnet_jax import augment, store, streams
 from alexnet_jax.dataset import Batch, Dataset
 
 # All three wrap libjpeg-turbo and give the same pixels (its accurate integer
@@ -227,24 +227,35 @@ class PreparedDataset(Dataset):
                       epoch: int = 0, shared: bool = False) -> Batch:
     size, count = self.image_size, len(indices)
     images = self._empty((count, size, size, 3), shared)
-    offsets = np.empty((count, 2), np.int32)
-    flips = np.empty(count, np.uint8)
-    lighting = np.empty((count, 3), np.float32)
     labels = np.empty(count, np.int32)
     skipped = np.zeros(count, np.int32)
+    indices = [int(i) for i in indices]
+    # Every example's values first, from its own stream (streams.py makes
+    # a batch's at once); an example whose record is replaced by the next
+    # usable one draws again below, from that one's stream.
+    stored = self.stored_shape[:2]
+    sigma = self.lighting_sigma
+    draws = [augment.draw_train(stored, size, rng, sigma)
+             for rng in streams.generators(seed, epoch, indices)]
     # Each image is decoded whole into this thread's buffer; only its patch
     # is copied into the batch.
     decoded = _scratch(self.stored_shape)
     for n, index in enumerate(indices):
-      index, skipped[n], labels[n] = self._usable_train(int(index), decoded)
-      rng = example_rng(seed, epoch, index)
-      top, left, flips[n], lighting[n] = augment.train_draws(
-          self.stored_shape[:2], size, self.eigval, self.eigvec, rng,
-          self.lighting_sigma)
-      offsets[n] = top, left
+      used, skipped[n], labels[n] = self._usable_train(index, decoded)
+      if used != index:
+        draws[n] = augment.draw_train(
+            stored, size, next(streams.generators(seed, epoch, [used])),
+            sigma)
+      top, left = draws[n][0], draws[n][1]
       images[n] = decoded[top:top + size, left:left + size]
-    return {'image': images, 'label': labels, 'offset': offsets,
-            'flip': flips, 'lighting': lighting, 'skipped': skipped}
+    alphas = np.array([d[3] for d in draws]).reshape(count, 3)
+    return {'image': images, 'label': labels,
+            'offset': np.array([d[:2] for d in draws],
+                               np.int32).reshape(count, 2),
+            'flip': np.array([d[2] for d in draws], np.uint8),
+            'lighting': augment.lighting_colours(alphas, self.eigval,
+                                                 self.eigvec),
+            'skipped': skipped}
 
   def _usable_train(self, index: int, out: np.ndarray
                     ) -> tuple[int, int, int]:
@@ -324,18 +335,6 @@ class PreparedDataset(Dataset):
       from grain import multiprocessing as grain_mp
       return grain_mp.SharedMemoryArray(shape, np.uint8)
     return self._buffers.empty(shape)
-
-
-def example_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
-  """`np.random.default_rng([seed, epoch, index])`, an example's generator.
-
-  SeedSequence reads its entropy as 32-bit words: given as a uint32 array
-  (the same words when each value is below 2**32) it starts 2.5x faster than
-  from a list of Python ints, a few percent of a decode.
-  """
-  if max(seed, epoch, index) < 2 ** 32:
-    return np.random.default_rng(np.array([seed, epoch, index], np.uint32))
-  return np.random.default_rng([seed, epoch, index])
 
 
 class BufferPool:

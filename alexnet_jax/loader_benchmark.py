@@ -25,7 +25,7 @@ import time
 import numpy as np
 from absl import app, flags
 
-from alexnet_jax import augment, imagenet, store
+from alexnet_jax import augment, imagenet, store, streams
 from alexnet_jax.dataset import Batch
 
 FLAGS = flags.FLAGS
@@ -171,7 +171,10 @@ def run_benchmark(store_dir: str, *, workers: int, processes: int,
                                      processes=processes, prefetch=prefetch,
                                      decoder=decoder)
   batches = dataset.train_batches(batch_size=batch_size, seed=0)
-  for _ in range(warmup):
+  # At least as many batches as can be in flight (threads, prefetch, the
+  # one held here), so that the timed ones reuse the buffer pool's memory,
+  # as every batch of a long run does.
+  for _ in range(max(warmup, dataset.threads + prefetch + 2)):
     next(batches)
   cpu_start, start = _cpu_seconds(os.getpid()), time.perf_counter()
   for _ in range(steps):
@@ -219,20 +222,29 @@ def time_stages(store_dir: str, *, image_size: int, decoder: str | None,
                   lambda: [dataset._train[i] for i in range(count)])
   timed('decode', lambda: [dataset._decode_into(jpeg, decoded)
                            for _, jpeg in records])
-  timed('draws', lambda: [augment.train_draws(
-      stored[:2], image_size, dataset.eigval, dataset.eigvec,
-      imagenet.example_rng(0, 0, i), dataset.lighting_sigma)
-                          for i in range(count)])
+
+  def draw():
+    alphas = [augment.draw_train(stored[:2], image_size, rng,
+                                 dataset.lighting_sigma)[3]
+              for rng in streams.generators(0, 0, range(count))]
+    augment.lighting_colours(np.array(alphas), dataset.eigval,
+                             dataset.eigvec)
+  timed('draws', draw)
 
   def copy_patches():
     for i in range(count):
       batch[i % batch_size] = decoded[margin:margin + image_size,
                                       margin:margin + image_size]
   timed('patch copy', copy_patches)
-  timed('whole example', lambda: [
+
+  def whole_examples():
+    # Each batch dropped before the next, so the buffer pool hands its
+    # memory out again, as in a long run.
+    for start in range(0, count, batch_size):
       dataset._train_examples(np.arange(start, min(start + batch_size,
                                                    count)))
-      for start in range(0, count, batch_size)])
+  dataset._train_examples(np.arange(min(batch_size, count)))
+  timed('whole example', whole_examples)
   return stages
 
 

@@ -20,10 +20,15 @@ and times, in images/s, at each count of `--threads`:
                  not load) and the same transforms
 
 Batches of `--batch_size` `--image_size` patches; `--steps` batches timed
-after `--warmup` (`alexnet_jax.loader_benchmark`'s flags). TensorFlow,
-PyTorch, torchvision, OpenCV and simplejpeg are optional: a missing one is
-reported and skipped. Prints one table and one JSON line. Throughput moves
-between runs and machines: compare the rows of one run.
+after `--warmup` (`alexnet_jax.loader_benchmark`'s flags). Every pipeline
+is timed `--rounds` times at each count, in rounds that time each of them
+once (every other round in the reverse order), and the table gives each
+one's median: a shared machine's speed
+drifts over seconds to minutes, and interleaving lets every pipeline meet
+the same drifts. TensorFlow, PyTorch, torchvision, OpenCV and simplejpeg
+are optional: a missing one is reported and skipped. Prints one table and
+one JSON line (with every round's figure). Throughput moves between runs
+and machines: compare the rows of one run.
 """
 
 from __future__ import annotations
@@ -46,6 +51,9 @@ loader_benchmark.define_flags()  # --store, --make_fake, --steps, ...
 flags.DEFINE_list('threads', ['1', '2'], 'Thread (worker) counts to time.')
 flags.DEFINE_list('pipelines', ['decode', 'project', 'tf.data', 'torch'],
                   'What to time.')
+flags.DEFINE_integer('rounds', 6, 'Times each pipeline is timed at each '
+                     'count, interleaved with the others; the table gives '
+                     'the median.')
 
 
 def _decoders() -> dict:
@@ -199,32 +207,51 @@ def time_project(store_dir, threads, size, batch_size, steps, warmup
 
 
 def run(store_dir: str, threads: list[int], pipelines: list[str], *,
-        batch_size: int, image_size: int, steps: int, warmup: int) -> dict:
+        batch_size: int, image_size: int, steps: int, warmup: int,
+        rounds: int) -> dict:
   source = store.SplitSource(store_dir, 'train')
   jpegs = [source[i][1] for i in range(len(source))]
   mean_image = store.Statistics.load(store_dir).mean_image.astype(np.float32)
   images = (steps + warmup) * batch_size
   common = dict(size=image_size, batch_size=batch_size, steps=steps,
                 warmup=warmup)
-  rows, skipped = {}, {}
-  for count in threads:
-    if 'decode' in pipelines:
-      for name, decode in _decoders().items():
-        rows.setdefault(f'decode {name}', {})[count] = time_decoder(
-            decode, jpegs, count, images)
-    timers = {
-        'project': lambda: time_project(store_dir, count, **common),
-        'tf.data': lambda: time_tf_data(jpegs, mean_image, count, **common),
-        'torch': lambda: time_torch(jpegs, mean_image, count, **common)}
-    for name, timer in timers.items():
-      if name not in pipelines or name in skipped:
-        continue
-      try:
-        rows.setdefault(name, {})[count] = timer()
-      except ImportError as e:
-        skipped[name] = str(e)
-        rows.pop(name, None)
-  return {'images_per_sec': rows, 'skipped': skipped,
+  decoders = _decoders() if 'decode' in pipelines else {}
+  timers = {}
+  for name, decode in decoders.items():
+    timers[f'decode {name}'] = (
+        lambda count, decode=decode: time_decoder(decode, jpegs, count,
+                                                  images))
+  timers.update({
+      'project': lambda count: time_project(store_dir, count, **common),
+      'tf.data': lambda count: time_tf_data(jpegs, mean_image, count,
+                                            **common),
+      'torch': lambda count: time_torch(jpegs, mean_image, count, **common)})
+  timers = {name: timer for name, timer in timers.items()
+            if name in pipelines or name.split()[0] in pipelines}
+  # Every round times every pipeline once at every count, one after the
+  # other, every other round in the reverse order: the machine's speed
+  # drifts over seconds to minutes, and each pipeline then meets the same
+  # drifts. The table gives each one's median.
+  samples, skipped = {}, {}
+  for number in range(rounds):
+    order = list(timers.items())
+    if number % 2:
+      order.reverse()
+    for count in threads:
+      for name, timer in order:
+        if name in skipped:
+          continue
+        try:
+          samples.setdefault(name, {}).setdefault(count, []).append(
+              timer(count))
+        except ImportError as e:
+          skipped[name] = str(e)
+          samples.pop(name, None)
+  rows = {name: {count: float(np.median(values))
+                 for count, values in by_count.items()}
+          for name, by_count in samples.items()}
+  return {'images_per_sec': rows, 'samples': samples, 'skipped': skipped,
+          'rounds': rounds,
           'torch_decoder': ('torchvision.io' if _torchvision_io() is not None
                             else 'pil'),
           'threads': threads, 'jpegs': len(jpegs), 'batch_size': batch_size,
@@ -259,11 +286,16 @@ def format_table(result: dict) -> str:
         f'{by_count[t]:>14,.0f}' if t in by_count else f"{'-':>14}"
         for t in threads))
   for count, ratio in ratios(result).items():
+    said = []
     if ratio['over_best_peer'] is not None:
-      lines.append(f'{count} thread(s): project = '
-                   f"{ratio['over_best_peer']:.2f}x the best peer, "
-                   f"{ratio['of_fastest_decoder']:.0%} of the fastest "
-                   'decoder alone')
+      said.append(f"{ratio['over_best_peer']:.2f}x the best peer")
+    if ratio['of_fastest_decoder'] is not None:
+      said.append(f"{ratio['of_fastest_decoder']:.0%} of the fastest "
+                  'decoder alone')
+    if said:
+      lines.append(f'{count} thread(s): project = ' + ', '.join(said))
+  lines.append(f"(each figure the median of {result['rounds']} interleaved "
+               'rounds)')
   for name, why in result['skipped'].items():
     lines.append(f'{name}: skipped ({why})')
   return '\n'.join(lines)
@@ -277,7 +309,7 @@ def main(argv):
                                       max(FLAGS.make_fake // 50, 1))
   result = run(FLAGS.store, [int(t) for t in FLAGS.threads], FLAGS.pipelines,
                batch_size=FLAGS.batch_size, image_size=FLAGS.image_size,
-               steps=FLAGS.steps, warmup=FLAGS.warmup)
+               steps=FLAGS.steps, warmup=FLAGS.warmup, rounds=FLAGS.rounds)
   result['ratios'] = ratios(result)
   print(format_table(result))
   print(json.dumps(result))

@@ -120,6 +120,32 @@ def test_benchmark_fed_by_the_input_pipeline(tmp_path):
   assert all(us > 0 for us in stages.values()), stages
 
 
+def test_input_peers_tiny(tmp_path):
+  # The peers' benchmark end to end on a small store: interleaved rounds,
+  # each pipeline's median, and the ratios. tf.data and PyTorch stay out
+  # (their imports alone would take longer than the rest).
+  done = subprocess.run(
+      [sys.executable, 'benchmarks/input_peers.py', f'--store={tmp_path}',
+       '--make_fake=48', '--pipelines=decode,project', '--threads=1,2',
+       '--rounds=3', '--steps=2', '--warmup=1', '--batch_size=8',
+       '--image_size=67'], cwd=REPO_ROOT, env=command_env(),
+      capture_output=True, text=True, timeout=300, check=False)
+  assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+  result = json.loads(done.stdout.strip().splitlines()[-1])
+  rows, samples = result['images_per_sec'], result['samples']
+  assert {'project', 'decode simplejpeg', 'decode pil'} <= set(rows)
+  for name, by_count in rows.items():
+    assert set(by_count) == {'1', '2'}, name
+    for count, median in by_count.items():
+      assert len(samples[name][count]) == 3
+      assert median == sorted(samples[name][count])[1] > 0
+  fastest = max(v['1'] for k, v in rows.items() if k.startswith('decode'))
+  ratio = result['ratios']['1']
+  assert ratio['over_best_peer'] is None
+  assert ratio['of_fastest_decoder'] == rows['project']['1'] / fastest
+  assert 'of the fastest decoder alone' in done.stdout
+
+
 def test_torch_reference_has_the_project_models():
   sys.path.insert(0, os.path.join(REPO_ROOT, 'benchmarks'))
   try:
