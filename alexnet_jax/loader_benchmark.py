@@ -243,7 +243,7 @@ def time_stages(store_dir: str, *, image_size: int, decoder: str | None,
     for start in range(0, count, batch_size):
       dataset._train_examples(np.arange(start, min(start + batch_size,
                                                    count)))
-  dataset._train_examples(np.arange(min(batch_size, count)))
+  dataset._train_examples(np.arange(min(batch_size, count)))  # pool's array
   timed('whole example', whole_examples)
   return stages
 

@@ -23,12 +23,12 @@ Batches of `--batch_size` `--image_size` patches; `--steps` batches timed
 after `--warmup` (`alexnet_jax.loader_benchmark`'s flags). Every pipeline
 is timed `--rounds` times at each count, in rounds that time each of them
 once (every other round in the reverse order), and the table gives each
-one's median: a shared machine's speed
-drifts over seconds to minutes, and interleaving lets every pipeline meet
-the same drifts. TensorFlow, PyTorch, torchvision, OpenCV and simplejpeg
-are optional: a missing one is reported and skipped. Prints one table and
-one JSON line (with every round's figure). Throughput moves between runs
-and machines: compare the rows of one run.
+one's median: a shared machine's speed drifts over seconds to minutes, and
+interleaving lets every pipeline meet the same drifts. TensorFlow, PyTorch,
+torchvision, OpenCV and simplejpeg are optional: a missing one is reported
+and skipped. Prints one table and one JSON line (with every round's
+figure). Throughput moves between runs and machines: compare the rows of
+one run.
 """
 
 from __future__ import annotations
@@ -304,6 +304,8 @@ def format_table(result: dict) -> str:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  if FLAGS.rounds < 1:
+    raise app.UsageError(f'--rounds={FLAGS.rounds}: need at least 1')
   if FLAGS.make_fake:
     loader_benchmark.write_fake_store(FLAGS.store, FLAGS.make_fake,
                                       max(FLAGS.make_fake // 50, 1))
