@@ -3,10 +3,10 @@
 Every example draws its crop, reflection and lighting from its own
 generator, `np.random.default_rng([seed, epoch, index])`, so that what it
 gets depends neither on the thread, process or batch that makes it nor on
-where a run resumed. Building such a generator costs about 10 us, mostly in
-NumPy's Python-level seeding (SeedSequence's hashing, PCG64's set-up), which
-holds the interpreter lock: more than the draws themselves, and, with two
-decoding threads, time the other thread cannot use.
+where a run resumed. Building such a generator costs more than the draws
+themselves, mostly in NumPy's Python-level seeding (SeedSequence's hashing,
+PCG64's set-up), which holds the interpreter lock: with two decoding
+threads, time the other thread cannot use.
 
 `generators` gives the same streams for a batch of indices. It computes the
 SeedSequence hash of every example at once with NumPy's uint32 arithmetic

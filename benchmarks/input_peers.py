@@ -215,19 +215,19 @@ def run(store_dir: str, threads: list[int], pipelines: list[str], *,
   images = (steps + warmup) * batch_size
   common = dict(size=image_size, batch_size=batch_size, steps=steps,
                 warmup=warmup)
-  decoders = _decoders() if 'decode' in pipelines else {}
   timers = {}
-  for name, decode in decoders.items():
-    timers[f'decode {name}'] = (
-        lambda count, decode=decode: time_decoder(decode, jpegs, count,
-                                                  images))
-  timers.update({
+  if 'decode' in pipelines:
+    for name, decode in _decoders().items():
+      timers[f'decode {name}'] = (
+          lambda count, decode=decode: time_decoder(decode, jpegs, count,
+                                                    images))
+  peers = {
       'project': lambda count: time_project(store_dir, count, **common),
       'tf.data': lambda count: time_tf_data(jpegs, mean_image, count,
                                             **common),
-      'torch': lambda count: time_torch(jpegs, mean_image, count, **common)})
-  timers = {name: timer for name, timer in timers.items()
-            if name in pipelines or name.split()[0] in pipelines}
+      'torch': lambda count: time_torch(jpegs, mean_image, count, **common)}
+  timers.update({name: timer for name, timer in peers.items()
+                 if name in pipelines})
   # Every round times every pipeline once at every count, one after the
   # other, every other round in the reverse order: the machine's speed
   # drifts over seconds to minutes, and each pipeline then meets the same
