@@ -17,10 +17,13 @@ resized to 256 and the central 256x256 crop (paper, section 2), re-encoded.
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
+import itertools
 import json
 import os
 import struct
+import threading
 
 import numpy as np
 
@@ -35,8 +38,9 @@ def encode_record(label: int, jpeg: bytes) -> bytes:
   return _LABEL.pack(label) + jpeg
 
 
-def decode_record(record: bytes) -> tuple[int, bytes]:
-  return _LABEL.unpack_from(record)[0], record[_LABEL.size:]
+def decode_record(record: bytes) -> tuple[int, memoryview]:
+  """(label, JPEG): the JPEG a view into the record, not a copy of it."""
+  return _LABEL.unpack_from(record)[0], memoryview(record)[_LABEL.size:]
 
 
 def shard_name(split: str, index: int) -> str:
@@ -106,7 +110,12 @@ def write_shard(path: str, records) -> int:
   count. A shard either exists whole or not at all."""
   from array_record.python import array_record_module
   tmp = path + '.tmp'
-  writer = array_record_module.ArrayRecordWriter(tmp, 'group_size:1')
+  # One record per group: random access reads one record. Uncompressed:
+  # JPEG bytes do not compress, and zstd (ArrayRecord's default) only costs
+  # time, at writing and at every read (stores written with it stay
+  # readable: the reader takes what the file's header says).
+  writer = array_record_module.ArrayRecordWriter(
+      tmp, 'group_size:1,uncompressed')
   count = 0
   for record in records:
     writer.write(record)
@@ -117,27 +126,60 @@ def write_shard(path: str, records) -> int:
 
 
 class SplitSource:
-  """Random access to one split's records: `source[i] -> (label, jpeg)`."""
+  """Random access to one split's records: `source[i] -> (label, jpeg)`,
+  the JPEG a read-only view of the record.
+
+  ArrayRecord's readers, one per shard, shared by the threads of a process
+  (a worker process opens its own on first use). A record is read with the
+  reader's range read, `read(i, i + 1)`: array_record's
+  `ArrayRecordDataSource` reads one record through the reader's batched
+  path, `read([i])`, which costs more per record (`python -m
+  alexnet_jax.loader_benchmark --stages` times the read).
+  """
 
   def __init__(self, directory: str, split: str):
-    from array_record.python import array_record_data_source
     info = StoreInfo.load(directory)
     self._paths = [os.path.join(directory, s) for s in info.shards[split]]
-    self._source = array_record_data_source.ArrayRecordDataSource(self._paths)
+    self._lock = threading.Lock()
+    self._readers = [_open_reader(path) for path in self._paths]
+    # The first index past each shard.
+    self._ends = list(itertools.accumulate(
+        reader.num_records() for reader in self._readers))
 
   def __len__(self) -> int:
-    return len(self._source)
+    return self._ends[-1] if self._ends else 0
 
-  def __getitem__(self, index: int) -> tuple[int, bytes]:
-    return decode_record(self._source[int(index)])
+  def _reader(self, shard: int):
+    reader = self._readers[shard]
+    if reader is None:
+      with self._lock:
+        reader = self._readers[shard]
+        if reader is None:
+          reader = self._readers[shard] = _open_reader(self._paths[shard])
+    return reader
+
+  def __getitem__(self, index: int) -> tuple[int, memoryview]:
+    index = int(index)
+    if not 0 <= index < len(self):
+      raise IndexError(f'record {index} of {len(self)}')
+    shard = bisect.bisect_right(self._ends, index)
+    position = index - (self._ends[shard - 1] if shard else 0)
+    return decode_record(self._reader(shard).read(position, position + 1)[0])
 
   def __getstate__(self):  # worker processes reopen the files themselves
-    return {'paths': self._paths}
+    return {'paths': self._paths, 'ends': self._ends}
 
   def __setstate__(self, state):
-    from array_record.python import array_record_data_source
-    self._paths = state['paths']
-    self._source = array_record_data_source.ArrayRecordDataSource(self._paths)
+    self._paths, self._ends = state['paths'], state['ends']
+    self._lock = threading.Lock()
+    self._readers = [None] * len(self._paths)
+
+
+def _open_reader(path: str):
+  from array_record.python import array_record_module
+  # No readahead: reads are random, one record each.
+  return array_record_module.ArrayRecordReader(path,
+                                               'readahead_buffer_size:0')
 
 
 @dataclasses.dataclass

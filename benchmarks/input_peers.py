@@ -210,7 +210,7 @@ def run(store_dir: str, threads: list[int], pipelines: list[str], *,
         batch_size: int, image_size: int, steps: int, warmup: int,
         rounds: int) -> dict:
   source = store.SplitSource(store_dir, 'train')
-  jpegs = [source[i][1] for i in range(len(source))]
+  jpegs = [bytes(source[i][1]) for i in range(len(source))]
   mean_image = store.Statistics.load(store_dir).mean_image.astype(np.float32)
   images = (steps + warmup) * batch_size
   common = dict(size=image_size, batch_size=batch_size, steps=steps,

@@ -5,6 +5,7 @@ specification (`augment.py`) makes of the same records."""
 
 import io
 import os
+import shutil
 import subprocess
 import sys
 
@@ -203,6 +204,50 @@ def test_every_decoder_gives_the_same_batches(store_dir, dataset, decoder):
   assert_same_batches(list(other.eval_batches(batch_size=NUM_EVAL)),
                       list(dataset.eval_batches(batch_size=NUM_EVAL)),
                       EVAL_KEYS)
+
+
+def _rewrite_shard(path, options):
+  """Writes the shard's records again with ArrayRecord writer `options`;
+  returns the options it had been written with."""
+  from array_record.python import array_record_module
+  reader = array_record_module.ArrayRecordReader(path)
+  records, before = reader.read_all(), reader.writer_options_string()
+  reader.close()
+  writer = array_record_module.ArrayRecordWriter(path, options)
+  for record in records:
+    writer.write(record)
+  writer.close()
+  return before
+
+
+def test_a_store_with_zstd_records_reads_the_same(store_dir, dataset,
+                                                  tmp_path):
+  # Stores are written uncompressed; those written before were zstd, the
+  # ArrayRecord default, and stay readable.
+  old = str(tmp_path / 'zstd')
+  shutil.copytree(store_dir, old)
+  info = store.StoreInfo.load(old)
+  for split in ('train', 'validation'):
+    for shard in info.shards[split]:
+      path = os.path.join(old, shard)
+      assert 'uncompressed' in _rewrite_shard(path, 'group_size:1')
+      assert 'zstd' in _rewrite_shard(path, 'group_size:1')
+  other = imagenet.PreparedDataset(old, SIZE)
+  assert_same_batches(
+      take(other.train_batches(batch_size=BATCH, seed=SEED), 2),
+      take(dataset.train_batches(batch_size=BATCH, seed=SEED), 2),
+      TRAIN_KEYS)
+  assert_same_batches(list(other.eval_batches(batch_size=NUM_EVAL)),
+                      list(dataset.eval_batches(batch_size=NUM_EVAL)),
+                      EVAL_KEYS)
+
+
+def test_split_source_refuses_an_index_outside_the_split(store_dir):
+  source = store.SplitSource(store_dir, 'train')
+  assert len(source) == NUM_TRAIN
+  for index in (-1, NUM_TRAIN):
+    with pytest.raises(IndexError, match=f'record {index} of {NUM_TRAIN}'):
+      source[index]  # pylint: disable=pointless-statement
 
 
 def test_the_default_decoder_is_simplejpeg_and_else_pillow(monkeypatch):
