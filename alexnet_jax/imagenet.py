@@ -210,6 +210,8 @@ class PreparedDataset(Dataset):
     try:
       label, jpeg = source[index]
       self._decode_into(jpeg, out)
+    except store.StoreError:
+      raise  # the store, not this record: nothing to skip to
     except WrongShapeError as e:
       raise ValueError(f'{self.store_dir}: record {index} is {e}') from e
     except Exception as e:

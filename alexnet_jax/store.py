@@ -23,7 +23,6 @@ import itertools
 import json
 import os
 import struct
-import threading
 
 import numpy as np
 
@@ -129,8 +128,8 @@ class SplitSource:
   """Random access to one split's records: `source[i] -> (label, jpeg)`,
   the JPEG a read-only view of the record.
 
-  ArrayRecord's readers, one per shard, shared by the threads of a process
-  (a worker process opens its own on first use). A record is read with the
+  ArrayRecord's readers, one per shard, opened here (a worker process opens
+  its own) and shared by the threads of the process. A record is read with the
   reader's range read, `read(i, i + 1)`: array_record's
   `ArrayRecordDataSource` reads one record through the reader's batched
   path, `read([i])`, which costs more per record (`python -m
@@ -140,23 +139,23 @@ class SplitSource:
   def __init__(self, directory: str, split: str):
     info = StoreInfo.load(directory)
     self._paths = [os.path.join(directory, s) for s in info.shards[split]]
-    self._lock = threading.Lock()
-    self._readers = [_open_reader(path) for path in self._paths]
+    self._open()
     # The first index past each shard.
     self._ends = list(itertools.accumulate(
         reader.num_records() for reader in self._readers))
+    if len(self) != info.sizes.get(split, len(self)):
+      raise StoreError(
+          f'The {split!r} shards in {directory} hold {len(self)} records, '
+          f'and info.json says {info.sizes[split]}: the store was changed '
+          'after it was prepared. Prepare it again into a new --out '
+          'directory.')
 
   def __len__(self) -> int:
     return self._ends[-1] if self._ends else 0
 
-  def _reader(self, shard: int):
-    reader = self._readers[shard]
-    if reader is None:
-      with self._lock:
-        reader = self._readers[shard]
-        if reader is None:
-          reader = self._readers[shard] = _open_reader(self._paths[shard])
-    return reader
+  def _open(self):
+    _make_room_for_files(len(self._paths))
+    self._readers = [_open_reader(path) for path in self._paths]
 
   def __getitem__(self, index: int) -> tuple[int, memoryview]:
     index = int(index)
@@ -164,22 +163,63 @@ class SplitSource:
       raise IndexError(f'record {index} of {len(self)}')
     shard = bisect.bisect_right(self._ends, index)
     position = index - (self._ends[shard - 1] if shard else 0)
-    return decode_record(self._reader(shard).read(position, position + 1)[0])
+    return decode_record(self._readers[shard].read(position,
+                                                  position + 1)[0])
 
   def __getstate__(self):  # worker processes reopen the files themselves
     return {'paths': self._paths, 'ends': self._ends}
 
   def __setstate__(self, state):
     self._paths, self._ends = state['paths'], state['ends']
-    self._lock = threading.Lock()
-    self._readers = [None] * len(self._paths)
+    self._open()
 
 
 def _open_reader(path: str):
   from array_record.python import array_record_module
   # No readahead: reads are random, one record each.
-  return array_record_module.ArrayRecordReader(path,
-                                               'readahead_buffer_size:0')
+  reader = array_record_module.ArrayRecordReader(path,
+                                                 'readahead_buffer_size:0')
+  # The reader does not raise: a file it cannot open or parse gives a
+  # reader that is not ok() and holds no records, whose every read would
+  # look like an undecodable record.
+  if not reader.ok():
+    raise StoreError(
+        f'Cannot read the shard {path}: it is missing or damaged, or this '
+        'process may open no more files (each shard stays open while the '
+        f'store is read; the limit is {_open_files_limit()}: raise it with '
+        '`ulimit -n`, or prepare the store again with a larger '
+        '--shard_size).')
+  return reader
+
+
+def _open_files_limit() -> str:
+  try:
+    import resource  # pylint: disable=import-outside-toplevel
+  except ImportError:
+    return 'unknown'
+  return str(resource.getrlimit(resource.RLIMIT_NOFILE)[0])
+
+
+def _make_room_for_files(count: int) -> None:
+  """Raises this process's soft limit on open files, up to the hard limit,
+  so that `count` more fit: an ImageNet store has about 1,300 shards and a
+  reader holds its shard open, where many systems allow 1,024 files."""
+  try:
+    import resource  # pylint: disable=import-outside-toplevel
+  except ImportError:  # not a Unix
+    return
+  soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+  try:
+    in_use = len(os.listdir('/proc/self/fd'))
+  except OSError:  # no /proc (macOS): assume a few hundred
+    in_use = 256
+  need = in_use + count + 64  # and room for the run's other files
+  if soft == resource.RLIM_INFINITY or need <= soft:
+    return
+  if hard != resource.RLIM_INFINITY:
+    need = min(need, hard)
+  if need > soft:
+    resource.setrlimit(resource.RLIMIT_NOFILE, (need, hard))
 
 
 @dataclasses.dataclass
