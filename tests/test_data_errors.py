@@ -1,11 +1,14 @@
-"""A dataset that is not there, or only half prepared, stops the run at once
-with what to do about it."""
+"""A dataset that is not there, only half prepared, or damaged, stops the run
+at once with what to do about it."""
 
+import os
+import subprocess
+import sys
 import time
 
 import pytest
 
-from alexnet_jax import store, train
+from alexnet_jax import imagenet, loader_benchmark, store, train
 from configs import one_gpu
 
 
@@ -42,13 +45,11 @@ def test_half_prepared_store_says_to_finish_it(tmp_path):
 
 
 def _tiny_store(directory):
-  from alexnet_jax import loader_benchmark
   return loader_benchmark.write_fake_store(str(directory), 8, 4, size=32,
                                            num_classes=2, shards=2)
 
 
 def test_a_damaged_shard_is_named_before_any_record_is_read(tmp_path):
-  from alexnet_jax import imagenet
   info = _tiny_store(tmp_path)
   shard = tmp_path / info.shards['train'][1]
   shard.write_bytes(b'\0' * shard.stat().st_size)
@@ -60,7 +61,6 @@ def test_a_damaged_shard_is_named_before_any_record_is_read(tmp_path):
 
 
 def test_shards_that_disagree_with_info_json_are_refused(tmp_path):
-  import os
   info = _tiny_store(tmp_path)
   source = store.SplitSource(str(tmp_path), 'train')
   records = [store.encode_record(*source[i]) for i in range(len(source))]
@@ -73,8 +73,6 @@ def test_shards_that_disagree_with_info_json_are_refused(tmp_path):
 
 
 def test_the_open_files_limit_is_raised_to_hold_the_shards(tmp_path):
-  import subprocess
-  import sys
   _tiny_store(tmp_path)
   # In a process of its own: a soft limit on open files below what the
   # shards' readers need is raised (an ImageNet store has about 1,300).
