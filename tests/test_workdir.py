@@ -24,10 +24,18 @@ def _record(workdir):
 
 
 def _write_record(workdir, **fields):
+  """The record another run would write: in one write of the fixed size,
+  as `workdir._Lock` writes it, never truncated first (a reader that met
+  the empty file between a truncation and the write would see no owner)."""
   os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, workdir_lib.LOCK_FILE), 'w') as f:
-    json.dump({'started': '2026-01-01T00:00:00', 'command': 'train', **fields},
-              f)
+  data = json.dumps({'started': '2026-01-01T00:00:00', 'command': 'train',
+                     **fields}).encode().ljust(workdir_lib.RECORD_BYTES)
+  fd = os.open(os.path.join(workdir, workdir_lib.LOCK_FILE),
+               os.O_WRONLY | os.O_CREAT, 0o644)
+  try:
+    os.pwrite(fd, data, 0)
+  finally:
+    os.close(fd)
 
 
 def _dead_pid():
