@@ -22,6 +22,7 @@ import dataclasses
 import itertools
 import json
 import os
+import resource
 import struct
 
 import numpy as np
@@ -186,28 +187,17 @@ def _open_reader(path: str):
     raise StoreError(
         f'Cannot read the shard {path}: it is missing or damaged, or this '
         'process may open no more files (each shard stays open while the '
-        f'store is read; the limit is {_open_files_limit()}: raise it with '
+        'store is read; the limit is '
+        f'{resource.getrlimit(resource.RLIMIT_NOFILE)[0]}: raise it with '
         '`ulimit -n`, or prepare the store again with a larger '
         '--shard_size).')
   return reader
-
-
-def _open_files_limit() -> str:
-  try:
-    import resource  # pylint: disable=import-outside-toplevel
-  except ImportError:
-    return 'unknown'
-  return str(resource.getrlimit(resource.RLIMIT_NOFILE)[0])
 
 
 def _make_room_for_files(count: int) -> None:
   """Raises this process's soft limit on open files, up to the hard limit,
   so that `count` more fit: an ImageNet store has about 1,300 shards and a
   reader holds its shard open, where many systems allow 1,024 files."""
-  try:
-    import resource  # pylint: disable=import-outside-toplevel
-  except ImportError:  # not a Unix
-    return
   soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
   try:
     in_use = len(os.listdir('/proc/self/fd'))
