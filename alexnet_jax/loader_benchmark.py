@@ -18,6 +18,7 @@ counted over this process and its worker processes), then one JSON line.
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import os
 import time
@@ -231,13 +232,7 @@ def time_stages(store_dir: str, *, image_size: int, decoder: str | None,
   timed('decode', lambda: [dataset._decode_into(jpeg, decoded)
                            for _, jpeg in records])
 
-  def draw():
-    alphas = [augment.draw_train(stored[:2], image_size, rng,
-                                 dataset.lighting_sigma)[3]
-              for rng in streams.generators(0, 0, range(count))]
-    augment.lighting_colours(np.array(alphas), dataset.eigval,
-                             dataset.eigvec)
-  timed('draws', draw)
+  timed('draws', lambda: _draws(dataset, range(count)))
 
   def copy_patches():
     for i in range(count):
@@ -253,6 +248,76 @@ def time_stages(store_dir: str, *, image_size: int, decoder: str | None,
                                                    count)))
   timed('whole example', whole_examples)
   return stages
+
+
+# The stages a training example adds to its decode, in the loader's order;
+# `time_added_stages` adds them one at a time.
+ADDED_STAGES = ('read', 'draws', 'copy')
+
+
+def time_added_stages(store_dir: str, stages: tuple[str, ...], *,
+                      threads: int, image_size: int, decoder: str | None,
+                      batch_size: int = 128, batches: int = 16) -> float:
+  """images/s of the loader's own loop reduced to decoding plus `stages`
+  (some of ADDED_STAGES), in `threads` threads that each make whole
+  batches, as the loader's threads do.
+
+  Without 'read' the JPEGs come from memory, read before timing; without
+  'draws' every patch is the centre one; without 'copy' no patch is cut.
+  Against the decoder alone in as many threads, the rates with one, two
+  and three stages added say what each stage costs at that thread count,
+  the cost of sharing the interpreter lock with the other threads
+  included, which `time_stages` (one thread, each stage alone) cannot show.
+  What the loader adds beyond all three (grain, the batch's other fields,
+  the retry on records that do not decode) is the rest of its shortfall.
+  """
+  # pylint: disable=protected-access
+  unknown = set(stages) - set(ADDED_STAGES)
+  if unknown:
+    raise ValueError(f'stages {sorted(unknown)}: not in {ADDED_STAGES}')
+  dataset = imagenet.PreparedDataset(store_dir, image_size, workers=threads,
+                                     decoder=decoder)
+  source, stored = dataset._train, dataset.stored_shape
+  # The records the timed batches use, no more: a whole ImageNet store
+  # would not fit in memory.
+  count = min(len(source), (threads + batches) * batch_size)
+  in_memory = (None if 'read' in stages else
+               [bytes(source[i][1]) for i in range(count)])
+  centre = augment.center_position(stored[0], stored[1], image_size)
+
+  def make_batch(number: int) -> None:
+    indices = [(number * batch_size + k) % count for k in range(batch_size)]
+    offsets = ([d[:2] for d in _draws(dataset, indices)]
+               if 'draws' in stages else [centre] * batch_size)
+    images = (dataset._buffers.empty((batch_size, image_size, image_size, 3))
+              if 'copy' in stages else None)
+    decoded = imagenet._scratch(stored)
+    for n, index in enumerate(indices):
+      jpeg = source[index][1] if in_memory is None else in_memory[index]
+      dataset._decode_into(jpeg, decoded)
+      if images is not None:
+        top, left = offsets[n]
+        images[n] = decoded[top:top + image_size, left:left + image_size]
+
+  with concurrent.futures.ThreadPoolExecutor(threads) as pool:
+    # One batch per thread first: the threads start and the batch arrays
+    # are faulted in, as in a long run.
+    list(pool.map(make_batch, range(threads)))
+    start = time.perf_counter()
+    list(pool.map(make_batch, range(threads, threads + batches)))
+    return batches * batch_size / (time.perf_counter() - start)
+
+
+def _draws(dataset: imagenet.PreparedDataset, indices) -> list:
+  """The examples' (top, left, reflected, lighting coefficients), with
+  their lighting colours made, as the loader draws them."""
+  stored = dataset.stored_shape[:2]
+  draws = [augment.draw_train(stored, dataset.image_size, rng,
+                              dataset.lighting_sigma)
+           for rng in streams.generators(0, 0, indices)]
+  augment.lighting_colours(np.array([d[3] for d in draws]), dataset.eigval,
+                           dataset.eigvec)
+  return draws
 
 
 def main(argv):

@@ -3,12 +3,19 @@
     python benchmarks/input_peers.py --store=/tmp/fake --make_fake=1536
     python benchmarks/input_peers.py --store=/data/store --threads=1,2,8
 
-reads a prepared store's training JPEGs (or first writes `--make_fake`
-synthetic ones, 256x256 quality 90, as `alexnet_jax.loader_benchmark` does)
-and times, in images/s, at each count of `--threads`:
+reads a prepared store's first training JPEGs, as many as a timing uses
+(or first writes `--make_fake` synthetic ones, 256x256 quality 90, as
+`alexnet_jax.loader_benchmark` does), and times, in images/s, at each count
+of `--threads`:
 
   decode <name>  each decoder alone, from bytes in memory into uint8 arrays,
                  in that many threads: the floor of any pipeline
+  decode + read, decode + read + draws, decode + read + draws + copy
+                 ('stages') the loader's own loop reduced to decoding plus
+                 reading the record, then also drawing the example's values,
+                 then also cutting its patch into the batch, that many
+                 threads (`loader_benchmark.time_added_stages`): what each
+                 stage costs at that count, against the decoder alone
   project        this project's loader (`imagenet.PreparedDataset`): read,
                  decode, draw each example's crop, reflection and lighting,
                  cut the uint8 patch, batch (the rest runs on the accelerator)
@@ -49,11 +56,20 @@ from alexnet_jax import imagenet, loader_benchmark, store
 FLAGS = flags.FLAGS
 loader_benchmark.define_flags()  # --store, --make_fake, --steps, ...
 flags.DEFINE_list('threads', ['1', '2'], 'Thread (worker) counts to time.')
-flags.DEFINE_list('pipelines', ['decode', 'project', 'tf.data', 'torch'],
+flags.DEFINE_list('pipelines', ['decode', 'stages', 'project', 'tf.data',
+                                'torch'],
                   'What to time.')
 flags.DEFINE_integer('rounds', 6, 'Times each pipeline is timed at each '
                      'count, interleaved with the others; the table gives '
                      'the median.')
+
+
+# The 'stages' rows: decoding with one, two, then three of the loader's
+# stages added, in its order.
+STAGE_ROWS = {
+    ' + '.join(('decode',) + loader_benchmark.ADDED_STAGES[:last]):
+    loader_benchmark.ADDED_STAGES[:last]
+    for last in range(1, len(loader_benchmark.ADDED_STAGES) + 1)}
 
 
 def _decoders() -> dict:
@@ -210,9 +226,11 @@ def run(store_dir: str, threads: list[int], pipelines: list[str], *,
         batch_size: int, image_size: int, steps: int, warmup: int,
         rounds: int) -> dict:
   source = store.SplitSource(store_dir, 'train')
-  jpegs = [bytes(source[i][1]) for i in range(len(source))]
-  mean_image = store.Statistics.load(store_dir).mean_image.astype(np.float32)
   images = (steps + warmup) * batch_size
+  # In memory, as many JPEGs as a timing uses (a whole ImageNet store would
+  # not fit), cycled through by the decoders and the peers.
+  jpegs = [bytes(source[i][1]) for i in range(min(len(source), images))]
+  mean_image = store.Statistics.load(store_dir).mean_image.astype(np.float32)
   common = dict(size=image_size, batch_size=batch_size, steps=steps,
                 warmup=warmup)
   timers = {}
@@ -221,6 +239,12 @@ def run(store_dir: str, threads: list[int], pipelines: list[str], *,
       timers[f'decode {name}'] = (
           lambda count, decode=decode: time_decoder(decode, jpegs, count,
                                                     images))
+  if 'stages' in pipelines:
+    for name, stages in STAGE_ROWS.items():
+      timers[name] = (
+          lambda count, stages=stages: loader_benchmark.time_added_stages(
+              store_dir, stages, threads=count, image_size=image_size,
+              decoder=None, batch_size=batch_size, batches=steps))
   peers = {
       'project': lambda count: time_project(store_dir, count, **common),
       'tf.data': lambda count: time_tf_data(jpegs, mean_image, count,
@@ -260,8 +284,8 @@ def run(store_dir: str, threads: list[int], pipelines: list[str], *,
 
 
 def ratios(result: dict) -> dict:
-  """Per thread count: the project over the best peer, and over the
-  fastest decoder alone."""
+  """Per thread count: the project over the best peer and over the
+  fastest decoder alone, and each 'decode + ...' row over that decoder."""
   rows = result['images_per_sec']
   out = {}
   for count in result['threads']:
@@ -269,20 +293,24 @@ def ratios(result: dict) -> dict:
     peers = [rows[p][count] for p in ('tf.data', 'torch')
              if count in rows.get(p, {})]
     decoders = [v[count] for k, v in rows.items()
-                if k.startswith('decode ') and count in v]
+                if k.startswith('decode ') and k not in STAGE_ROWS
+                and count in v]
     out[count] = {
         'over_best_peer': project / max(peers) if project and peers else None,
         'of_fastest_decoder': (project / max(decoders)
-                               if project and decoders else None)}
+                               if project and decoders else None),
+        'stages_of_fastest_decoder': {
+            name: v[count] / max(decoders) for name, v in rows.items()
+            if name in STAGE_ROWS and count in v and decoders}}
   return out
 
 
 def format_table(result: dict) -> str:
   threads = result['threads']
-  lines = [f"{'images/s':<22}" + ''.join(f'{f"{t} thread(s)":>14}'
+  lines = [f"{'images/s':<30}" + ''.join(f'{f"{t} thread(s)":>14}'
                                          for t in threads)]
   for name, by_count in result['images_per_sec'].items():
-    lines.append(f'{name:<22}' + ''.join(
+    lines.append(f'{name:<30}' + ''.join(
         f'{by_count[t]:>14,.0f}' if t in by_count else f"{'-':>14}"
         for t in threads))
   for count, ratio in ratios(result).items():
@@ -294,6 +322,11 @@ def format_table(result: dict) -> str:
                   'decoder alone')
     if said:
       lines.append(f'{count} thread(s): project = ' + ', '.join(said))
+    if ratio['stages_of_fastest_decoder']:
+      lines.append(f'{count} thread(s): ' + ', '.join(
+          f'{name} {value:.0%}' for name, value in
+          ratio['stages_of_fastest_decoder'].items())
+                   + ' of the fastest decoder alone')
   lines.append(f"(each figure the median of {result['rounds']} interleaved "
                'rounds)')
   for name, why in result['skipped'].items():

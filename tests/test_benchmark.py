@@ -126,24 +126,42 @@ def test_input_peers_tiny(tmp_path):
   # (their imports alone would take longer than the rest).
   done = subprocess.run(
       [sys.executable, 'benchmarks/input_peers.py', f'--store={tmp_path}',
-       '--make_fake=48', '--pipelines=decode,project', '--threads=1,2',
+       '--make_fake=48', '--pipelines=decode,stages,project',
+       '--threads=1,2',
        '--rounds=3', '--steps=2', '--warmup=1', '--batch_size=8',
        '--image_size=67'], cwd=REPO_ROOT, env=command_env(),
       capture_output=True, text=True, timeout=300, check=False)
   assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
   result = json.loads(done.stdout.strip().splitlines()[-1])
   rows, samples = result['images_per_sec'], result['samples']
-  assert {'project', 'decode simplejpeg', 'decode pil'} <= set(rows)
+  # Only the JPEGs a timing uses are held in memory: (2 + 1) batches of 8.
+  assert result['jpegs'] == 24
+  stage_rows = ['decode + read', 'decode + read + draws',
+                'decode + read + draws + copy']
+  assert {'project', 'decode simplejpeg', 'decode pil', *stage_rows} <= set(
+      rows)
   for name, by_count in rows.items():
     assert set(by_count) == {'1', '2'}, name
     for count, median in by_count.items():
       assert len(samples[name][count]) == 3
       assert median == sorted(samples[name][count])[1] > 0
-  fastest = max(v['1'] for k, v in rows.items() if k.startswith('decode'))
+  # The decoders alone are the floor; the stage rows are not decoders.
+  fastest = max(v['1'] for k, v in rows.items()
+                if k.startswith('decode ') and k not in stage_rows)
   ratio = result['ratios']['1']
   assert ratio['over_best_peer'] is None
   assert ratio['of_fastest_decoder'] == rows['project']['1'] / fastest
+  assert ratio['stages_of_fastest_decoder'] == {
+      name: rows[name]['1'] / fastest for name in stage_rows}
   assert 'of the fastest decoder alone' in done.stdout
+
+
+def test_added_stages_refuse_an_unknown_stage(tmp_path):
+  loader_benchmark.write_fake_store(str(tmp_path), 8, 2)
+  with pytest.raises(ValueError, match='resize'):
+    loader_benchmark.time_added_stages(str(tmp_path), ('read', 'resize'),
+                                       threads=1, image_size=67,
+                                       decoder=None)
 
 
 def test_torch_reference_has_the_project_models():
