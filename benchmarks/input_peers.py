@@ -233,9 +233,10 @@ def run(store_dir: str, threads: list[int], pipelines: list[str], *,
   mean_image = store.Statistics.load(store_dir).mean_image.astype(np.float32)
   common = dict(size=image_size, batch_size=batch_size, steps=steps,
                 warmup=warmup)
-  timers = {}
+  timers, decoders = {}, []
   if 'decode' in pipelines:
     for name, decode in _decoders().items():
+      decoders.append(f'decode {name}')
       timers[f'decode {name}'] = (
           lambda count, decode=decode: time_decoder(decode, jpegs, count,
                                                     images))
@@ -275,7 +276,7 @@ def run(store_dir: str, threads: list[int], pipelines: list[str], *,
                  for count, values in by_count.items()}
           for name, by_count in samples.items()}
   return {'images_per_sec': rows, 'samples': samples, 'skipped': skipped,
-          'rounds': rounds,
+          'rounds': rounds, 'decoders': decoders,
           'torch_decoder': ('torchvision.io' if _torchvision_io() is not None
                             else 'pil'),
           'threads': threads, 'jpegs': len(jpegs), 'batch_size': batch_size,
@@ -292,9 +293,8 @@ def ratios(result: dict) -> dict:
     project = rows.get('project', {}).get(count)
     peers = [rows[p][count] for p in ('tf.data', 'torch')
              if count in rows.get(p, {})]
-    decoders = [v[count] for k, v in rows.items()
-                if k.startswith('decode ') and k not in STAGE_ROWS
-                and count in v]
+    decoders = [rows[k][count] for k in result['decoders']
+                if count in rows.get(k, {})]
     out[count] = {
         'over_best_peer': project / max(peers) if project and peers else None,
         'of_fastest_decoder': (project / max(decoders)
