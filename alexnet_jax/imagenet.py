@@ -228,7 +228,7 @@ class PreparedDataset(Dataset):
   def _train_examples(self, indices: np.ndarray, *, seed: int = 0,
                       epoch: int = 0, shared: bool = False) -> Batch:
     size, count = self.image_size, len(indices)
-    images = self._empty((count, size, size, 3), shared)
+    images, decoded_at = self._train_arrays(count, shared)
     labels = np.empty(count, np.int32)
     skipped = np.zeros(count, np.int32)
     indices = [int(i) for i in indices]
@@ -239,10 +239,8 @@ class PreparedDataset(Dataset):
     sigma = self.lighting_sigma
     draws = [augment.draw_train(stored, size, rng, sigma)
              for rng in streams.generators(seed, epoch, indices)]
-    # Each image is decoded whole into this thread's buffer; only its patch
-    # is copied into the batch.
-    decoded = _scratch(self.stored_shape)
     for n, index in enumerate(indices):
+      decoded = decoded_at(n)
       used, skipped[n], labels[n] = self._usable_train(index, decoded)
       if used != index:
         draws[n] = augment.draw_train(
@@ -258,6 +256,35 @@ class PreparedDataset(Dataset):
             'lighting': augment.lighting_colours(alphas, self.eigval,
                                                  self.eigvec),
             'skipped': skipped}
+
+  def _train_arrays(self, count: int, shared: bool
+                    ) -> tuple[np.ndarray, Callable[[int], np.ndarray]]:
+    """(patches, decoded_at): a training batch's patch array, and the
+    array that example n's image is decoded into whole before its patch is
+    copied into patches[n].
+
+    Each image is decoded into the batch's own memory, just past the place
+    of its patch, where the patches still to come have not reached: the
+    patch copy then reads and writes memory that the decoder has just
+    written and the cache still holds. Copied out of a buffer of the
+    thread's own, each patch went into memory last touched a batch earlier,
+    and the copy cost several times as much (docs/input.md). A
+    shared-memory batch keeps the thread's buffer: grain hands on the array
+    it made, not a view of a larger one.
+    """
+    size = self.image_size
+    if shared:
+      decoded = _scratch(self.stored_shape)
+      return (self._empty((count, size, size, 3), True),
+              lambda n: decoded)
+    patch, whole = size * size * 3, int(np.prod(self.stored_shape))
+    memory = self._buffers.empty((count * patch + whole,))
+
+    def decoded_at(n: int) -> np.ndarray:
+      # Past patch n's place: the copy never reads where it writes.
+      start = (n + 1) * patch
+      return memory[start:start + whole].reshape(self.stored_shape)
+    return memory[:count * patch].reshape(count, size, size, 3), decoded_at
 
   def _usable_train(self, index: int, out: np.ndarray
                     ) -> tuple[int, int, int]:

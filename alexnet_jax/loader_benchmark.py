@@ -289,11 +289,14 @@ def time_added_stages(store_dir: str, stages: tuple[str, ...], *,
     indices = [(number * batch_size + k) % count for k in range(batch_size)]
     offsets = ([d[:2] for d in _draws(dataset, indices)]
                if 'draws' in stages else [centre] * batch_size)
-    images = (dataset._buffers.empty((batch_size, image_size, image_size, 3))
-              if 'copy' in stages else None)
-    decoded = imagenet._scratch(stored)
+    if 'copy' in stages:
+      images, decoded_at = dataset._train_arrays(batch_size, shared=False)
+    else:
+      images, decoded = None, imagenet._scratch(stored)
     for n, index in enumerate(indices):
       jpeg = source[index][1] if in_memory is None else in_memory[index]
+      if images is not None:
+        decoded = decoded_at(n)
       dataset._decode_into(jpeg, decoded)
       if images is not None:
         top, left = offsets[n]
