@@ -268,7 +268,7 @@ class PreparedDataset(Dataset):
     patch copy then reads and writes memory that the decoder has just
     written and the cache still holds. Copied out of a buffer of the
     thread's own, each patch went into memory last touched a batch earlier,
-    and the copy cost several times as much (docs/input.md). A
+    and the copy cost two to three times as much (docs/input.md). A
     shared-memory batch keeps the thread's buffer: grain hands on the array
     it made, not a view of a larger one.
     """
