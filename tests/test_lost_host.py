@@ -45,11 +45,13 @@ CONFIG = (f'--heartbeat_timeout_seconds={HEARTBEAT_TIMEOUT_S}',
 # What the survivor dies of. Usually it waits in a collective until
 # jax.distributed's coordination service misses process 1's heartbeats and
 # terminates every process, naming the lost task. A collective that notices
-# the closed connection of a killed process first fails on its own.
+# the closed connection of a killed process first fails on its own, named
+# by its collective ('all-reduce', for one).
 LOST_HEARTBEATS = re.compile(
     r'tasks are unhealthy \(stopped sending heartbeats\):\s*1\b')
-LOST_PEER = re.compile(LOST_HEARTBEATS.pattern +
-                       r'|Gloo \w+ failed: .*Connection (reset|closed) by peer')
+LOST_PEER = re.compile(
+    LOST_HEARTBEATS.pattern +
+    r'|Gloo [\w-]+ failed: .*Connection (reset|closed) by peer')
 
 
 def _start_two(workdir, steps, logs):
