@@ -292,11 +292,11 @@ def time_added_stages(store_dir: str, stages: tuple[str, ...], *,
     if 'copy' in stages:
       images, decoded_at = dataset._train_arrays(batch_size, shared=False)
     else:
-      images, decoded = None, imagenet._scratch(stored)
+      images, scratch = None, imagenet._scratch(stored)
+      decoded_at = lambda n: scratch
     for n, index in enumerate(indices):
       jpeg = source[index][1] if in_memory is None else in_memory[index]
-      if images is not None:
-        decoded = decoded_at(n)
+      decoded = decoded_at(n)
       dataset._decode_into(jpeg, decoded)
       if images is not None:
         top, left = offsets[n]
