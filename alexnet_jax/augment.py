@@ -201,6 +201,35 @@ def draw_train(shape: tuple[int, int], size: int, rng: np.random.Generator,
   return top, left, reflected, lighting_coefficients(rng, lighting_sigma)
 
 
+def draw_train_batch(shape: tuple[int, int], size: int, streams,
+                     lighting_sigma: float = 0.1
+                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+  """`draw_train` for every example of a batch, from its own stream in
+  `streams` (an `alexnet_jax.streams.Batch`), drawn for all at once:
+  (top, left, reflected, lighting coefficients), int64 [N] twice, bool [N]
+  and float64 [N, 3]. The same draws in the same order; an example whose
+  draws the batch could not finish takes `draw_train` itself."""
+  height, width = shape
+  if size > height or size > width:
+    raise ValueError(f'a {size}x{size} patch does not fit in a '
+                     f'{height}x{width} image')
+  count = len(streams)
+  top, left = np.zeros(count, np.int64), np.zeros(count, np.int64)
+  reflected, alphas = np.zeros(count, bool), np.zeros((count, 3))
+  if streams.batched:
+    top = streams.integers(0, height - size + 1)
+    left = streams.integers(0, width - size + 1)
+    reflected = streams.random() < 0.5
+    alphas = streams.normal(0.0, lighting_sigma, 3)
+    redrawn = np.flatnonzero(streams.unfinished)
+  else:
+    redrawn = range(count)
+  for n in redrawn:
+    top[n], left[n], reflected[n], alphas[n] = draw_train(
+        shape, size, streams.generator(n), lighting_sigma)
+  return top, left, reflected, alphas
+
+
 def train_draws(shape: tuple[int, int], size: int, eigval: np.ndarray,
                 eigvec: np.ndarray, rng: np.random.Generator,
                 lighting_sigma: float = 0.1

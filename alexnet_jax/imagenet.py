@@ -231,28 +231,29 @@ class PreparedDataset(Dataset):
     images, decoded_at = self._train_arrays(count, shared)
     labels = np.empty(count, np.int32)
     skipped = np.zeros(count, np.int32)
-    indices = [int(i) for i in indices]
-    # Every example's values first, from its own stream (streams.py makes
-    # a batch's at once); an example whose record is replaced by the next
-    # usable one draws again below, from that one's stream.
+    # Every example's values first, from its own stream, drawn for the whole
+    # batch at once (streams.Batch: the Python-level work holds the
+    # interpreter lock that another decoding thread needs); an example whose
+    # record is replaced by the next usable one draws again below, from that
+    # one's stream.
     stored = self.stored_shape[:2]
     sigma = self.lighting_sigma
-    draws = [augment.draw_train(stored, size, rng, sigma)
-             for rng in streams.generators(seed, epoch, indices)]
-    for n, index in enumerate(indices):
+    top, left, reflected, alphas = augment.draw_train_batch(
+        stored, size, streams.Batch(seed, epoch, indices), sigma)
+    corners = list(zip(top.tolist(), left.tolist()))
+    for n, index in enumerate(int(i) for i in indices):
       decoded = decoded_at(n)
       used, skipped[n], labels[n] = self._usable_train(index, decoded)
       if used != index:
-        draws[n] = augment.draw_train(
+        top[n], left[n], reflected[n], alphas[n] = augment.draw_train(
             stored, size, next(streams.generators(seed, epoch, [used])),
             sigma)
-      top, left = draws[n][0], draws[n][1]
-      images[n] = decoded[top:top + size, left:left + size]
-    alphas = np.array([d[3] for d in draws]).reshape(count, 3)
+        corners[n] = int(top[n]), int(left[n])
+      y, x = corners[n]
+      images[n] = decoded[y:y + size, x:x + size]
     return {'image': images, 'label': labels,
-            'offset': np.array([d[:2] for d in draws],
-                               np.int32).reshape(count, 2),
-            'flip': np.array([d[2] for d in draws], np.uint8),
+            'offset': np.stack([top, left], axis=1).astype(np.int32),
+            'flip': reflected.astype(np.uint8),
             'lighting': augment.lighting_colours(alphas, self.eigval,
                                                  self.eigvec),
             'skipped': skipped}

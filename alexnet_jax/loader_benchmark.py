@@ -287,7 +287,7 @@ def time_added_stages(store_dir: str, stages: tuple[str, ...], *,
 
   def make_batch(number: int) -> None:
     indices = [(number * batch_size + k) % count for k in range(batch_size)]
-    offsets = ([d[:2] for d in _draws(dataset, indices)]
+    offsets = (_draws(dataset, indices)
                if 'draws' in stages else [centre] * batch_size)
     if 'copy' in stages:
       images, decoded_at = dataset._train_arrays(batch_size, shared=False)
@@ -312,15 +312,13 @@ def time_added_stages(store_dir: str, stages: tuple[str, ...], *,
 
 
 def _draws(dataset: imagenet.PreparedDataset, indices) -> list:
-  """The examples' (top, left, reflected, lighting coefficients), with
-  their lighting colours made, as the loader draws them."""
-  stored = dataset.stored_shape[:2]
-  draws = [augment.draw_train(stored, dataset.image_size, rng,
-                              dataset.lighting_sigma)
-           for rng in streams.generators(0, 0, indices)]
-  augment.lighting_colours(np.array([d[3] for d in draws]), dataset.eigval,
-                           dataset.eigvec)
-  return draws
+  """The examples' (top, left) patch positions, drawn with their reflections
+  and lighting colours as the loader draws them."""
+  top, left, _, alphas = augment.draw_train_batch(
+      dataset.stored_shape[:2], dataset.image_size,
+      streams.Batch(0, 0, indices), dataset.lighting_sigma)
+  augment.lighting_colours(alphas, dataset.eigval, dataset.eigvec)
+  return list(zip(top.tolist(), left.tolist()))
 
 
 def main(argv):

@@ -67,3 +67,79 @@ def test_lighting_colours_of_a_batch_are_each_examples_colour():
     # The paper's formula, written as the matrix product.
     np.testing.assert_allclose(colour, 255 * eigvec @ (alpha * eigval),
                                rtol=1e-6, atol=1e-4)
+
+
+@pytest.mark.parametrize('seed,epoch', [(0, 0), (7, 89), (2 ** 32 - 1, 1)])
+def test_batch_outputs_are_pcg64s(seed, epoch):
+  indices = [0, 1, 5, 2 ** 32 - 1, 1_281_166]
+  batch = streams.Batch(seed, epoch, indices)
+  # More than one block of outputs, then a 32-bit pair.
+  outputs = np.stack([batch.next_uint64() for _ in range(19)])
+  low, high = batch.next_uint32(), batch.next_uint32()
+  for n, index in enumerate(indices):
+    want = np.random.default_rng([seed, epoch, index]).bit_generator
+    np.testing.assert_array_equal(outputs[:, n], want.random_raw(19))
+    last = int(want.random_raw())
+    assert (int(low[n]), int(high[n])) == (last & 0xFFFFFFFF, last >> 32)
+
+
+@pytest.mark.parametrize('shape,size,sigma', [((256, 256), 227, 0.1),
+                                              ((64, 70), 64, 0.3),
+                                              ((5, 5), 5, 0.1)])
+def test_batch_draws_are_each_examples_draws(shape, size, sigma):
+  # Enough examples that some meet NumPy's rejections (a normal outside the
+  # ziggurat's first try, 1.2% of them) and take draw_train itself.
+  indices = np.arange(40, 2040)
+  batch = streams.Batch(3, 2, indices)
+  top, left, reflected, alphas = augment.draw_train_batch(shape, size, batch,
+                                                          sigma)
+  assert 10 < batch.unfinished.sum() < 200
+  assert top.dtype == left.dtype == np.int64 and reflected.dtype == bool
+  assert alphas.shape == (len(indices), 3)
+  for n, index in enumerate(indices):
+    want = augment.draw_train(shape, size,
+                              np.random.default_rng([3, 2, int(index)]), sigma)
+    assert (top[n], left[n], reflected[n]) == want[:3], n
+    np.testing.assert_array_equal(alphas[n], want[3])
+  # Both halves of the image's range are met, and both reflections.
+  assert top.max() == shape[0] - size and left.max() == shape[1] - size
+  assert reflected.any() and not reflected.all()
+
+
+def test_batch_past_one_word_takes_default_rng():
+  batch = streams.Batch(2 ** 40, 0, [3, 4])
+  assert not batch.batched
+  top, left, reflected, alphas = augment.draw_train_batch((256, 256), 227,
+                                                          batch)
+  for n, index in enumerate([3, 4]):
+    want = augment.draw_train((256, 256), 227,
+                              np.random.default_rng([2 ** 40, 0, index]))
+    assert (top[n], left[n], reflected[n]) == want[:3]
+    np.testing.assert_array_equal(alphas[n], want[3])
+  with pytest.raises(ValueError, match='generator'):
+    batch.next_uint64()
+
+
+def test_batch_refusals():
+  with pytest.raises(ValueError, match='>= 0'):
+    streams.Batch(0, -1, [0])
+  with pytest.raises(ValueError, match='batched'):
+    streams.Batch(0, 0, [0]).integers(0, 2 ** 33)
+  with pytest.raises(ValueError, match='does not fit'):
+    augment.draw_train_batch((64, 64), 65, streams.Batch(0, 0, [0]))
+
+
+def test_batch_checks_the_installed_numpy(monkeypatch):
+  assert streams._draws_as_numpy()  # this NumPy draws as Batch does
+  # A NumPy whose ziggurat differed is noticed, and every example then takes
+  # NumPy's own draws.
+  widths, bounds = streams._ziggurat()
+  monkeypatch.setattr(streams, '_ziggurat', lambda: (widths * 1.5, bounds))
+  with pytest.warns(RuntimeWarning, match='draws differently'):
+    assert not streams._draws_as_numpy.__wrapped__()
+  monkeypatch.setattr(streams, '_draws_as_numpy', lambda: False)
+  batch = streams.Batch(0, 0, [9])
+  assert not batch.batched
+  top, left, reflected, _ = augment.draw_train_batch((256, 256), 227, batch)
+  want = augment.draw_train((256, 256), 227, np.random.default_rng([0, 0, 9]))
+  assert (top[0], left[0], reflected[0]) == want[:3]
