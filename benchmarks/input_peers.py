@@ -24,7 +24,8 @@ of `--threads`:
                  threads
   torch          a PyTorch DataLoader with that many workers:
                  torchvision.io.decode_jpeg (Pillow where torchvision does
-                 not load) and the same transforms
+                 not load; requirements-peers.txt installs a torchvision
+                 that does) and the same transforms
 
 Batches of `--batch_size` `--image_size` patches; `--steps` batches timed
 after `--warmup` (`alexnet_jax.loader_benchmark`'s flags). Every pipeline
@@ -310,6 +311,8 @@ def format_table(result: dict) -> str:
   lines = [f"{'images/s':<30}" + ''.join(f'{f"{t} thread(s)":>14}'
                                          for t in threads)]
   for name, by_count in result['images_per_sec'].items():
+    if name == 'torch':  # which decoder the DataLoader's workers used
+      name = f"torch ({result['torch_decoder']})"
     lines.append(f'{name:<30}' + ''.join(
         f'{by_count[t]:>14,.0f}' if t in by_count else f"{'-':>14}"
         for t in threads))

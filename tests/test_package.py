@@ -41,3 +41,32 @@ def test_no_import_cycles():
         elif dep not in path:
           stack.append((dep, path + [dep]))
   assert not cycles, cycles
+
+
+def _pins(name: str) -> dict[str, str]:
+  """package -> its requirement in the repository's requirements file."""
+  pins = {}
+  for line in open(os.path.join(os.path.dirname(PACKAGE), name)):
+    line = line.split('#')[0].strip()
+    if line and not line.startswith('-'):
+      package = line.split(';')[0]
+      for mark in '=<>!~[':
+        package = package.split(mark)[0]
+      pins[package.strip().lower()] = line
+  return pins
+
+
+def test_the_peers_environment_measures_the_tests_packages():
+  # The input peers run in an environment of their own
+  # (requirements-peers.txt): what it shares with the test requirements
+  # must be the same releases, so that tf.data and OpenCV are timed as the
+  # tests use them. PyTorch alone differs: the peers take a release with a
+  # torchvision built against it.
+  peers, tests = _pins('requirements-peers.txt'), _pins(
+      'requirements-test.txt')
+  assert {'tensorflow-cpu', 'opencv-python-headless', 'torch',
+          'torchvision'} <= set(peers)
+  shared = (set(peers) & set(tests)) - {'torch'}
+  assert {'tensorflow-cpu', 'opencv-python-headless'} <= shared
+  for package in shared:
+    assert peers[package] == tests[package], package
