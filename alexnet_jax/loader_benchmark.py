@@ -321,6 +321,16 @@ def _draws(dataset: imagenet.PreparedDataset, indices) -> list:
   return list(zip(top.tolist(), left.tolist()))
 
 
+def check_store_flag(directory: str) -> None:
+  """A usage error, saying what to run, where `--store` holds no prepared
+  training split (this module's command and benchmarks/input_peers.py)."""
+  try:
+    store.check_store(directory, splits=('train',))
+  except store.StoreError as e:
+    raise app.UsageError(f'{e} Or give --make_fake=N to write N synthetic '
+                         'JPEGs there.') from e
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
@@ -330,6 +340,7 @@ def main(argv):
                      max(FLAGS.make_fake // 50, 1))
     print(f'wrote {FLAGS.make_fake} synthetic JPEGs to {FLAGS.store} in '
           f'{time.perf_counter() - start:.1f} s')
+  check_store_flag(FLAGS.store)
   result = run_benchmark(
       FLAGS.store, workers=FLAGS.workers, processes=FLAGS.processes,
       prefetch=FLAGS.prefetch, batch_size=FLAGS.batch_size, steps=FLAGS.steps,

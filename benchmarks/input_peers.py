@@ -57,9 +57,8 @@ from alexnet_jax import imagenet, loader_benchmark, store
 FLAGS = flags.FLAGS
 loader_benchmark.define_flags()  # --store, --make_fake, --steps, ...
 flags.DEFINE_list('threads', ['1', '2'], 'Thread (worker) counts to time.')
-flags.DEFINE_list('pipelines', ['decode', 'stages', 'project', 'tf.data',
-                                'torch'],
-                  'What to time.')
+PIPELINES = ('decode', 'stages', 'project', 'tf.data', 'torch')
+flags.DEFINE_list('pipelines', list(PIPELINES), 'What to time.')
 flags.DEFINE_integer('rounds', 6, 'Times each pipeline is timed at each '
                      'count, interleaved with the others; the table gives '
                      'the median.')
@@ -342,10 +341,21 @@ def main(argv):
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   if FLAGS.rounds < 1:
     raise app.UsageError(f'--rounds={FLAGS.rounds}: need at least 1')
+  unknown = sorted(set(FLAGS.pipelines) - set(PIPELINES))
+  if unknown:
+    raise app.UsageError(f'--pipelines: {unknown} not among {PIPELINES}')
+  try:
+    threads = [int(t) for t in FLAGS.threads]
+  except ValueError:
+    threads = []
+  if not threads or min(threads) < 1:
+    raise app.UsageError(f'--threads={",".join(FLAGS.threads)}: need '
+                         'counts of at least 1')
   if FLAGS.make_fake:
     loader_benchmark.write_fake_store(FLAGS.store, FLAGS.make_fake,
                                       max(FLAGS.make_fake // 50, 1))
-  result = run(FLAGS.store, [int(t) for t in FLAGS.threads], FLAGS.pipelines,
+  loader_benchmark.check_store_flag(FLAGS.store)
+  result = run(FLAGS.store, threads, FLAGS.pipelines,
                batch_size=FLAGS.batch_size, image_size=FLAGS.image_size,
                steps=FLAGS.steps, warmup=FLAGS.warmup, rounds=FLAGS.rounds)
   result['ratios'] = ratios(result)

@@ -157,6 +157,18 @@ def test_input_peers_tiny(tmp_path):
   assert 'of the fastest decoder alone' in done.stdout
 
 
+def test_input_peers_without_a_store_says_how_to_make_one(tmp_path):
+  done = subprocess.run(
+      [sys.executable, 'benchmarks/input_peers.py',
+       f'--store={tmp_path / "none"}', '--pipelines=decode'],
+      cwd=REPO_ROOT, env=command_env(), capture_output=True, text=True,
+      timeout=120, check=False)
+  assert done.returncode != 0
+  assert 'alexnet_jax.prepare' in done.stderr, done.stderr[-2000:]
+  assert '--make_fake=N' in done.stderr, done.stderr[-2000:]
+  assert 'Traceback' not in done.stderr, done.stderr[-2000:]
+
+
 def test_added_stages_refuse_an_unknown_stage(tmp_path):
   loader_benchmark.write_fake_store(str(tmp_path), 8, 2)
   with pytest.raises(ValueError, match='resize'):
