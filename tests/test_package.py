@@ -1,4 +1,5 @@
-"""The package's shape: each module sits at one level of the import graph."""
+"""The package's shape: each module sits at one level of the import graph,
+and the requirements files that install it agree with each other."""
 
 import ast
 import glob
