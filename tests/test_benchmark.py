@@ -157,15 +157,19 @@ def test_input_peers_tiny(tmp_path):
   assert 'of the fastest decoder alone' in done.stdout
 
 
-def test_input_peers_without_a_store_says_how_to_make_one(tmp_path):
+@pytest.mark.parametrize('command,fake', [
+    (['benchmarks/input_peers.py', '--pipelines=decode'], '--make_fake=N'),
+    (['-m', 'alexnet_jax.loader_benchmark'], '--make_fake=N'),
+    (['-m', 'alexnet_jax.benchmark', '--config=configs/one_gpu.py:synthetic',
+      '--input=pipeline'], 'leave out --store')])
+def test_a_missing_store_says_how_to_make_one(tmp_path, command, fake):
   done = subprocess.run(
-      [sys.executable, 'benchmarks/input_peers.py',
-       f'--store={tmp_path / "none"}', '--pipelines=decode'],
+      [sys.executable, *command, f'--store={tmp_path / "none"}'],
       cwd=REPO_ROOT, env=command_env(), capture_output=True, text=True,
       timeout=120, check=False)
   assert done.returncode != 0
   assert 'alexnet_jax.prepare' in done.stderr, done.stderr[-2000:]
-  assert '--make_fake=N' in done.stderr, done.stderr[-2000:]
+  assert fake in done.stderr, done.stderr[-2000:]
   assert 'Traceback' not in done.stderr, done.stderr[-2000:]
 
 
