@@ -322,17 +322,17 @@ def main(argv):
   config = FLAGS.config
   metrics_io.quiet_library_logs()
   runtime.setup(config)  # simulated CPU devices, before JAX starts
-  from alexnet_jax import store, validation
+  from alexnet_jax import validation
+  if FLAGS.input == 'pipeline' and FLAGS.store:
+    # Before compiling the step: a wrong path should not wait for it.
+    from alexnet_jax import loader_benchmark
+    loader_benchmark.check_store_flag(
+        FLAGS.store, instead='leave out --store to time a fake store of '
+        '--make_fake images')
   with tempfile.TemporaryDirectory() as fake:
     store_dir = None
     if FLAGS.input == 'pipeline':
       store_dir = FLAGS.store or _fake_store(fake, config)
-      try:  # before compiling the step: a wrong path should not wait for it
-        store.check_store(store_dir, splits=('train',))
-      except store.StoreError as e:
-        print(f'error: {e} Or leave out --store to time a fake store of '
-              '--make_fake images.', file=sys.stderr)
-        sys.exit(1)
     try:
       result = measure(config, steps=FLAGS.steps, warmup=FLAGS.warmup,
                        peak=FLAGS.peak_tflops, store_dir=store_dir)

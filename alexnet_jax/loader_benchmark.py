@@ -321,14 +321,16 @@ def _draws(dataset: imagenet.PreparedDataset, indices) -> list:
   return list(zip(top.tolist(), left.tolist()))
 
 
-def check_store_flag(directory: str) -> None:
-  """A usage error, saying what to run, where `--store` holds no prepared
-  training split (this module's command and benchmarks/input_peers.py)."""
+def check_store_flag(directory: str, *,
+                     instead: str = 'give --make_fake=N to write N '
+                     'synthetic JPEGs there') -> None:
+  """A usage error, saying what to run (prepare, or `instead`), where
+  `--store` holds no prepared training split: this module's command,
+  alexnet_jax.benchmark's and benchmarks/input_peers.py."""
   try:
     store.check_store(directory, splits=('train',))
   except store.StoreError as e:
-    raise app.UsageError(f'{e} Or give --make_fake=N to write N synthetic '
-                         'JPEGs there.') from e
+    raise app.UsageError(f'{e} Or {instead}.') from e
 
 
 def main(argv):
