@@ -9,11 +9,12 @@ images per second.
 `--processes` worker processes. `benchmarks/input_peers.py` times the same
 store's JPEGs through tf.data, a PyTorch DataLoader and each decoder alone.
 
-`--make_fake=N` first writes a store of N synthetic 256x256 JPEGs (quality
-90, smooth colour fields with fine noise, about the size of prepared ImageNet
-images), so the pipeline can be measured without ImageNet. Prints images/s,
-images/s per worker and images per CPU-second (what one busy core delivers,
-counted over this process and its worker processes), then one JSON line.
+`--make_fake=N` first writes a store of N synthetic 256x256 JPEGs (smooth
+colour fields with fine noise, about the size of prepared ImageNet images,
+in `prepare`'s form at quality 90), so the pipeline can be measured without
+ImageNet. Prints images/s, images/s per worker and images per CPU-second
+(what one busy core delivers, counted over this process and its worker
+processes), then one JSON line.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import time
 import numpy as np
 from absl import app, flags
 
-from alexnet_jax import augment, imagenet, store, streams
+from alexnet_jax import augment, imagenet, prepare, store, streams
 from alexnet_jax.dataset import Batch
 
 FLAGS = flags.FLAGS
@@ -46,11 +47,9 @@ def natural_image(rng: np.random.Generator, size: int = 256) -> np.ndarray:
 
 
 def encode_jpeg(image: np.ndarray, quality: int = 90) -> bytes:
-  import io
+  """uint8 [H, W, 3] as `prepare` stores an image."""
   from PIL import Image
-  buffer = io.BytesIO()
-  Image.fromarray(image).save(buffer, format='JPEG', quality=quality)
-  return buffer.getvalue()
+  return prepare.encode_jpeg(Image.fromarray(image), quality)
 
 
 def write_fake_store(directory: str, num_train: int, num_eval: int, *,

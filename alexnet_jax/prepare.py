@@ -7,10 +7,10 @@
 
 Every image becomes what the paper feeds the network (section 2): the shorter
 side rescaled to 256 and the central 256x256 patch, re-encoded as a JPEG
-(`--quality`, 90 by default). Pillow decodes every file itself, so CMYK and
-greyscale JPEGs and PNGs under a .JPEG name all come out RGB; a file it cannot
-decode, or one that ends early, is left out and listed in report.json, and
-the rest is prepared. The rescaling is Pillow's bicubic filter, antialiased
+(`--quality`, 90 by default; `encode_jpeg`). Pillow decodes every file
+itself, so CMYK and greyscale JPEGs and PNGs under a .JPEG name all come out
+RGB; a file it cannot decode, or one that ends early, is left out and listed
+in report.json, and the rest is prepared. The rescaling is Pillow's bicubic filter, antialiased
 (its support widens with the reduction), applied to the central square of the
 original in one step (`Image.resize(box=...)`), which is the rescale-then-crop
 of the paper without rounding the intermediate size; `reducing_gap=3` first
@@ -114,9 +114,18 @@ def central_crop(image: Image.Image, size: int = IMAGE_SIZE) -> Image.Image:
                       reducing_gap=REDUCING_GAP)
 
 
+# The stored form, beside the quality: 4:2:0 chroma, and Huffman tables made
+# for each image (`optimize`), which code the same coefficients, so the same
+# pixels, as the standard tables, in a smaller file that decodes faster. A
+# stored JPEG is decoded in every epoch and encoded once.
+# `benchmarks/input_peers.py --pipelines=decode,forms` times the other forms
+# (docs/input.md).
+JPEG_OPTIONS = {'subsampling': '4:2:0', 'optimize': True}
+
+
 def encode_jpeg(image: Image.Image, quality: int) -> bytes:
   buffer = io.BytesIO()
-  image.save(buffer, 'JPEG', quality=quality, subsampling='4:2:0')
+  image.save(buffer, 'JPEG', quality=quality, **JPEG_OPTIONS)
   return buffer.getvalue()
 
 

@@ -27,6 +27,16 @@ of `--threads`:
                  not load; requirements-peers.txt installs a torchvision
                  that does) and the same transforms
 
+and, asked for by name (`--pipelines=forms`), not by default:
+
+  form <name>    the default decoder alone, as the 'decode' rows, on the
+                 same images encoded again in the form `prepare` writes
+                 ('form prepare') and in others (FORMS: the standard
+                 Huffman tables, chroma subsampling, quality, progressive,
+                 restart markers), all from the same pixels: what another
+                 stored form would change in decoding, beside each form's
+                 mean JPEG size
+
 Batches of `--batch_size` `--image_size` patches; `--steps` batches timed
 after `--warmup` (`alexnet_jax.loader_benchmark`'s flags). Every pipeline
 is timed `--rounds` times at each count, in rounds that time each of them
@@ -50,15 +60,16 @@ import time
 import numpy as np
 from absl import app, flags
 
-from alexnet_jax import imagenet, loader_benchmark, store
+from alexnet_jax import imagenet, loader_benchmark, prepare, store
 
 # --store, --make_fake, --batch_size, --image_size, --steps and --warmup
 # are alexnet_jax.loader_benchmark's flags.
 FLAGS = flags.FLAGS
 loader_benchmark.define_flags()  # --store, --make_fake, --steps, ...
 flags.DEFINE_list('threads', ['1', '2'], 'Thread (worker) counts to time.')
-PIPELINES = ('decode', 'stages', 'project', 'tf.data', 'torch')
-flags.DEFINE_list('pipelines', list(PIPELINES), 'What to time.')
+PIPELINES = ('decode', 'stages', 'project', 'tf.data', 'torch', 'forms')
+flags.DEFINE_list('pipelines', list(PIPELINES[:-1]), 'What to time, of '
+                  f'{", ".join(PIPELINES)}.')
 flags.DEFINE_integer('rounds', 6, 'Times each pipeline is timed at each '
                      'count, interleaved with the others; the table gives '
                      'the median.')
@@ -100,6 +111,39 @@ def _torchvision_io():
   except (ImportError, RuntimeError):
     return None
   return torchvision.io
+
+
+# The stored forms that 'forms' times: each changes one of the options
+# `prepare` writes with (prepare.JPEG_OPTIONS, at the store's quality), as
+# Pillow's JPEG options. All keep the image's size, so the loader reads any
+# of them as it is; 'standard Huffman' is the form of stores prepared before
+# `optimize` was one of those options.
+FORMS = {
+    'prepare': {},
+    'standard Huffman': {'optimize': False},
+    '4:4:4 chroma': {'subsampling': '4:4:4'},
+    '4:2:2 chroma': {'subsampling': '4:2:2'},
+    'quality 75': {'quality': 75},
+    'progressive': {'progressive': True},
+    'restart every row': {'restart_marker_rows': 1},
+}
+_RESTART = b'\xff\xdd'  # the DRI marker (0xFF is escaped in coded data)
+
+
+def encode_form(pixels: np.ndarray, quality: int, form: str) -> bytes:
+  """The image, uint8 [H, W, 3], as the store would hold it in `form`."""
+  from PIL import Image
+  image = Image.fromarray(pixels)
+  if not FORMS[form]:
+    return prepare.encode_jpeg(image, quality)
+  buffer = io.BytesIO()
+  image.save(buffer, 'JPEG', **{'quality': quality, **prepare.JPEG_OPTIONS,
+                                **FORMS[form]})
+  jpeg = buffer.getvalue()
+  if 'restart_marker_rows' in FORMS[form] and _RESTART not in jpeg:
+    # An older Pillow takes the option without a word and writes none.
+    raise ImportError('this Pillow writes no restart markers')
+  return jpeg
 
 
 _SAMPLE = loader_benchmark.encode_jpeg(
@@ -233,7 +277,25 @@ def run(store_dir: str, threads: list[int], pipelines: list[str], *,
   mean_image = store.Statistics.load(store_dir).mean_image.astype(np.float32)
   common = dict(size=image_size, batch_size=batch_size, steps=steps,
                 warmup=warmup)
-  timers, decoders = {}, []
+  timers, decoders, form_bytes, skipped = {}, [], {}, {}
+  if 'forms' in pipelines:
+    default = imagenet.DECODE[imagenet.default_decoder()]
+    info = store.StoreInfo.load(store_dir)
+    image = np.empty((info.image_size, info.image_size, 3), np.uint8)
+    encoded = {form: [] for form in FORMS}
+    for jpeg in jpegs:  # one image's pixels at a time, in every form
+      default(jpeg, image)
+      for form in list(encoded):
+        try:
+          encoded[form].append(encode_form(image, info.jpeg_quality, form))
+        except ImportError as e:
+          skipped[f'form {form}'] = str(e)
+          del encoded[form]
+    for form, form_jpegs in encoded.items():
+      form_bytes[form] = float(np.mean([len(j) for j in form_jpegs]))
+      timers[f'form {form}'] = (
+          lambda count, form_jpegs=form_jpegs: time_decoder(
+              default, form_jpegs, count, images))
   if 'decode' in pipelines:
     for name, decode in _decoders().items():
       decoders.append(f'decode {name}')
@@ -257,7 +319,7 @@ def run(store_dir: str, threads: list[int], pipelines: list[str], *,
   # other, every other round in the reverse order: the machine's speed
   # drifts over seconds to minutes, and each pipeline then meets the same
   # drifts. The table gives each one's median.
-  samples, skipped = {}, {}
+  samples = {}
   for number in range(rounds):
     order = list(timers.items())
     if number % 2:
@@ -276,7 +338,8 @@ def run(store_dir: str, threads: list[int], pipelines: list[str], *,
                  for count, values in by_count.items()}
           for name, by_count in samples.items()}
   return {'images_per_sec': rows, 'samples': samples, 'skipped': skipped,
-          'rounds': rounds, 'decoders': decoders,
+          'rounds': rounds, 'decoders': decoders, 'form_bytes': form_bytes,
+          'form_decoder': imagenet.default_decoder(),
           'torch_decoder': ('torchvision.io' if _torchvision_io() is not None
                             else 'pil'),
           'threads': threads, 'jpegs': len(jpegs), 'batch_size': batch_size,
@@ -286,7 +349,8 @@ def run(store_dir: str, threads: list[int], pipelines: list[str], *,
 
 def ratios(result: dict) -> dict:
   """Per thread count: the project over the best peer and over the
-  fastest decoder alone, and each 'decode + ...' row over that decoder."""
+  fastest decoder alone, each 'decode + ...' row over that decoder, and
+  each stored form over the one `prepare` writes."""
   rows = result['images_per_sec']
   out = {}
   for count in result['threads']:
@@ -301,18 +365,26 @@ def ratios(result: dict) -> dict:
                                if project and decoders else None),
         'stages_of_fastest_decoder': {
             name: v[count] / max(decoders) for name, v in rows.items()
-            if name in STAGE_ROWS and count in v and decoders}}
+            if name in STAGE_ROWS and count in v and decoders},
+        'forms_over_prepare': {
+            form: rows[f'form {form}'][count] / rows['form prepare'][count]
+            for form in FORMS
+            if count in rows.get(f'form {form}', {})
+            and count in rows.get('form prepare', {})}}
   return out
 
 
 def format_table(result: dict) -> str:
   threads = result['threads']
-  lines = [f"{'images/s':<30}" + ''.join(f'{f"{t} thread(s)":>14}'
+  lines = [f"{'images/s':<40}" + ''.join(f'{f"{t} thread(s)":>14}'
                                          for t in threads)]
   for name, by_count in result['images_per_sec'].items():
     if name == 'torch':  # which decoder the DataLoader's workers used
       name = f"torch ({result['torch_decoder']})"
-    lines.append(f'{name:<30}' + ''.join(
+    elif name.startswith('form '):  # and its mean JPEG size
+      size = result['form_bytes'][name[len('form '):]]
+      name = f'{name}, {size / 1000:.1f} KB'
+    lines.append(f'{name:<40}' + ''.join(
         f'{by_count[t]:>14,.0f}' if t in by_count else f"{'-':>14}"
         for t in threads))
   for count, ratio in ratios(result).items():
@@ -329,6 +401,12 @@ def format_table(result: dict) -> str:
           f'{name} {value:.0%}' for name, value in
           ratio['stages_of_fastest_decoder'].items())
                    + ' of the fastest decoder alone')
+    others = {form: value for form, value in
+              ratio['forms_over_prepare'].items() if form != 'prepare'}
+    if others:
+      lines.append(f"{count} thread(s), {result['form_decoder']}: " + ', '.join(
+          f'{form} {value:.2f}x' for form, value in others.items())
+                   + " the form prepare writes")
   lines.append(f"(each figure the median of {result['rounds']} interleaved "
                'rounds)')
   for name, why in result['skipped'].items():

@@ -126,7 +126,7 @@ def test_input_peers_tiny(tmp_path):
   # (their imports alone would take longer than the rest).
   done = subprocess.run(
       [sys.executable, 'benchmarks/input_peers.py', f'--store={tmp_path}',
-       '--make_fake=48', '--pipelines=decode,stages,project',
+       '--make_fake=48', '--pipelines=decode,stages,project,forms',
        '--threads=1,2',
        '--rounds=3', '--steps=2', '--warmup=1', '--batch_size=8',
        '--image_size=67'], cwd=REPO_ROOT, env=command_env(),
@@ -155,6 +155,21 @@ def test_input_peers_tiny(tmp_path):
   assert ratio['stages_of_fastest_decoder'] == {
       name: rows[name]['1'] / fastest for name in stage_rows}
   assert 'of the fastest decoder alone' in done.stdout
+  # The stored forms: the default decoder on each, none of them a decoder
+  # row, each with its mean size (quality 75 the smallest) and its rate over
+  # the form prepare writes.
+  forms = ['prepare', 'standard Huffman', '4:4:4 chroma', '4:2:2 chroma',
+           'quality 75', 'progressive', 'restart every row']
+  assert set(result['form_bytes']) == set(forms), result['skipped']
+  assert min(result['form_bytes'], key=result['form_bytes'].get) == (
+      'quality 75')
+  assert result['form_bytes']['prepare'] < result['form_bytes'][
+      'standard Huffman']
+  assert {f'form {f}' for f in forms} <= set(rows)
+  assert not {f'form {f}' for f in forms} & set(result['decoders'])
+  assert ratio['forms_over_prepare'] == {
+      f: rows[f'form {f}']['1'] / rows['form prepare']['1'] for f in forms}
+  assert 'the form prepare writes' in done.stdout
 
 
 @pytest.mark.parametrize('command,fake', [

@@ -184,6 +184,29 @@ def test_central_crop_of_a_non_square_image():
   assert crop[..., 1].max() < 1  # the green bands are outside the crop
 
 
+def test_stored_jpegs_take_their_own_huffman_tables_and_keep_the_pixels():
+  # prepare.JPEG_OPTIONS' `optimize`: the same coefficients as the standard
+  # tables code, so every decoder gives the same pixels, from fewer bytes;
+  # stores written before with the standard tables read the same images.
+  from alexnet_jax import imagenet, loader_benchmark
+  image = Image.fromarray(
+      loader_benchmark.natural_image(np.random.default_rng(0)))
+  stored = prepare.encode_jpeg(image, 90)
+  buffer = io.BytesIO()
+  image.save(buffer, 'JPEG', quality=90, subsampling='4:2:0')
+  standard = buffer.getvalue()
+  assert len(stored) < 0.97 * len(standard)
+  with Image.open(io.BytesIO(stored)) as opened:
+    assert opened.layer[0][1:3] == (2, 2)  # 4:2:0: luma 2x2, chroma 1x1
+  for name, decode in imagenet.DECODE.items():
+    ours, theirs = (np.empty((256, 256, 3), np.uint8) for _ in range(2))
+    decode(stored, ours)
+    decode(standard, theirs)
+    np.testing.assert_array_equal(ours, theirs, err_msg=name)
+  # The fake stores of the benchmarks are in the same form.
+  assert loader_benchmark.encode_jpeg(np.asarray(image)) == stored
+
+
 def test_statistics_equal_a_direct_float64_computation(imagenet):
   out = imagenet['out']
   images = np.stack([_pixels(jpeg) for _, jpeg in _records(out, 'train')]
