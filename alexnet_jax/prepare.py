@@ -123,9 +123,11 @@ def central_crop(image: Image.Image, size: int = IMAGE_SIZE) -> Image.Image:
 JPEG_OPTIONS = {'subsampling': '4:2:0', 'optimize': True}
 
 
-def encode_jpeg(image: Image.Image, quality: int) -> bytes:
+def encode_jpeg(image: Image.Image, quality: int, **changes) -> bytes:
+  """The stored JPEG; `changes` to JPEG_OPTIONS (Pillow's options) give
+  the other forms that benchmarks/input_peers.py times."""
   buffer = io.BytesIO()
-  image.save(buffer, 'JPEG', quality=quality, **JPEG_OPTIONS)
+  image.save(buffer, 'JPEG', quality=quality, **{**JPEG_OPTIONS, **changes})
   return buffer.getvalue()
 
 

@@ -133,13 +133,9 @@ _RESTART = b'\xff\xdd'  # the DRI marker (0xFF is escaped in coded data)
 def encode_form(pixels: np.ndarray, quality: int, form: str) -> bytes:
   """The image, uint8 [H, W, 3], as the store would hold it in `form`."""
   from PIL import Image
-  image = Image.fromarray(pixels)
-  if not FORMS[form]:
-    return prepare.encode_jpeg(image, quality)
-  buffer = io.BytesIO()
-  image.save(buffer, 'JPEG', **{'quality': quality, **prepare.JPEG_OPTIONS,
-                                **FORMS[form]})
-  jpeg = buffer.getvalue()
+  changes = dict(FORMS[form])
+  jpeg = prepare.encode_jpeg(Image.fromarray(pixels),
+                             changes.pop('quality', quality), **changes)
   if 'restart_marker_rows' in FORMS[form] and _RESTART not in jpeg:
     # An older Pillow takes the option without a word and writes none.
     raise ImportError('this Pillow writes no restart markers')
