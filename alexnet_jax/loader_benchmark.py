@@ -7,7 +7,8 @@ images per second.
 
 `--workers` decoding threads work in this process, or shared among
 `--processes` worker processes. `benchmarks/input_peers.py` times the same
-store's JPEGs through tf.data, a PyTorch DataLoader and each decoder alone.
+store's JPEGs through tf.data, a PyTorch DataLoader, a DALI pipeline and
+each decoder alone.
 
 `--make_fake=N` first writes a store of N synthetic 256x256 JPEGs (smooth
 colour fields with fine noise, about the size of prepared ImageNet images,

@@ -26,6 +26,11 @@ of `--threads`:
                  torchvision.io.decode_jpeg (Pillow where torchvision does
                  not load; requirements-peers.txt installs a torchvision
                  that does) and the same transforms
+  dali           an NVIDIA DALI pipeline on the CPU, that many threads:
+                 the same transforms, the patch decoded alone
+                 (`decoders.image_slice`, libjpeg-turbo's partial decoding);
+                 its patches are first checked against the default
+                 decoder's
 
 and, asked for by name (`--pipelines=forms`), not by default:
 
@@ -43,8 +48,8 @@ is timed `--rounds` times at each count, in rounds that time each of them
 once (every other round in the reverse order), and the table gives each
 one's median: a shared machine's speed drifts over seconds to minutes, and
 interleaving lets every pipeline meet the same drifts. TensorFlow, PyTorch,
-torchvision, OpenCV and simplejpeg are optional: a missing one is reported
-and skipped. Prints one table and one JSON line (with every round's
+torchvision, DALI, OpenCV and simplejpeg are optional: a missing one is
+reported and skipped. Prints one table and one JSON line (with every round's
 figure). Throughput moves between runs and machines: compare the rows of
 one run.
 """
@@ -67,7 +72,9 @@ from alexnet_jax import imagenet, loader_benchmark, prepare, store
 FLAGS = flags.FLAGS
 loader_benchmark.define_flags()  # --store, --make_fake, --steps, ...
 flags.DEFINE_list('threads', ['1', '2'], 'Thread (worker) counts to time.')
-PIPELINES = ('decode', 'stages', 'project', 'tf.data', 'torch', 'forms')
+PIPELINES = ('decode', 'stages', 'project', 'tf.data', 'torch', 'dali',
+             'forms')
+PEERS = ('tf.data', 'torch', 'dali')
 flags.DEFINE_list('pipelines', list(PIPELINES[:-1]), 'What to time, of '
                   f'{", ".join(PIPELINES)}.')
 flags.DEFINE_integer('rounds', 6, 'Times each pipeline is timed at each '
@@ -233,6 +240,93 @@ class _TorchJpegs:
     return image
 
 
+def _dali_slice(jpeg, anchor, size: int):
+  """DALI's partial decoding of the size x size patch at `anchor` ([x, y],
+  DALI's order), uint8, on the CPU."""
+  from nvidia.dali import fn, types
+  return fn.decoders.image_slice(
+      jpeg, anchor, np.array([size, size], np.float32), device='cpu',
+      output_type=types.RGB, normalized_anchor=False, normalized_shape=False)
+
+
+def _dali_pipeline(source, outputs: int, threads: int, batch_size: int,
+                   graph):
+  """A built CPU-only DALI pipeline of `graph` over the external `source`
+  (batch_info -> `outputs` lists of arrays)."""
+  from nvidia.dali import fn, pipeline_def
+
+  @pipeline_def(batch_size=batch_size, num_threads=threads, device_id=None,
+                prefetch_queue_depth=2, seed=0)
+  def pipeline():
+    given = fn.external_source(source=source, num_outputs=outputs,
+                               batch=True, batch_info=True)
+    return graph(*given)
+
+  built = pipeline()
+  built.build()
+  return built
+
+
+def dali_patches_differ(jpegs: list[bytes], shape: tuple[int, int, int],
+                        size: int, count: int = 128) -> int:
+  """How many of `count` patches DALI's CPU decoding cuts differently from
+  the default decoder's image (of the store's `shape`), cropped at the same
+  (random) places: 0 when DALI's 'dali' row times the same pixels as the
+  loader makes."""
+  count = min(count, len(jpegs))
+  decode = imagenet.DECODE[imagenet.default_decoder()]
+  image = np.empty(shape, np.uint8)
+  corners = np.random.default_rng(0).integers(
+      0, np.array(shape[:2]) - size + 1, size=(count, 2))
+
+  def source(_):
+    return ([np.frombuffer(j, np.uint8) for j in jpegs[:count]],
+            [np.array([x, y], np.float32) for y, x in corners])
+
+  patches = _dali_pipeline(source, 2, 1, count,
+                           lambda j, a: _dali_slice(j, a, size)).run()[0]
+  differ = 0
+  for n, (y, x) in enumerate(corners):
+    decode(jpegs[n], image)
+    differ += not np.array_equal(np.asarray(patches[n]),
+                                 image[y:y + size, x:x + size])
+  return differ
+
+
+def time_dali(jpegs, mean_image, threads, size, batch_size, steps,
+              warmup) -> float:
+  from nvidia.dali import fn, types
+  arrays = [np.frombuffer(j, np.uint8) for j in jpegs]
+  order = np.random.default_rng(0).permutation(len(arrays))
+  margin = np.array(mean_image.shape[:2]) - size
+  mean = types.Constant(np.ascontiguousarray(mean_image, np.float32),
+                        device='cpu')
+  window = np.array([size, size], np.float32)
+
+  def source(info):  # the JPEGs, shuffled, cycled through
+    start = info.iteration * batch_size
+    return [[arrays[order[(start + k) % len(arrays)]]
+             for k in range(batch_size)]]
+
+  def graph(jpeg):
+    # [x, y], each uniform over the patch's places, as the other peers.
+    top, left = (fn.random.uniform(values=[float(v) for v in range(m + 1)])
+                 for m in margin)
+    anchor = fn.stack(left, top)
+    patch = _dali_slice(jpeg, anchor, size) - fn.slice(
+        mean, anchor, window, normalized_anchor=False,
+        normalized_shape=False)
+    return fn.flip(patch, horizontal=fn.random.coin_flip())
+
+  pipeline = _dali_pipeline(source, 1, threads, batch_size, graph)
+
+  def batches():
+    while True:
+      yield pipeline.run()
+
+  return _time_batches(batches(), steps, warmup, batch_size)
+
+
 def _one_torch_thread(_):
   import torch
   torch.set_num_threads(1)
@@ -308,9 +402,17 @@ def run(store_dir: str, threads: list[int], pipelines: list[str], *,
       'project': lambda count: time_project(store_dir, count, **common),
       'tf.data': lambda count: time_tf_data(jpegs, mean_image, count,
                                             **common),
-      'torch': lambda count: time_torch(jpegs, mean_image, count, **common)}
+      'torch': lambda count: time_torch(jpegs, mean_image, count, **common),
+      'dali': lambda count: time_dali(jpegs, mean_image, count, **common)}
   timers.update({name: timer for name, timer in peers.items()
                  if name in pipelines})
+  dali_differ = None
+  if 'dali' in pipelines:
+    try:
+      dali_differ = dali_patches_differ(jpegs, mean_image.shape,
+                                        image_size)
+    except ImportError as e:
+      skipped['dali'] = str(e)
   # Every round times every pipeline once at every count, one after the
   # other, every other round in the reverse order: the machine's speed
   # drifts over seconds to minutes, and each pipeline then meets the same
@@ -336,6 +438,7 @@ def run(store_dir: str, threads: list[int], pipelines: list[str], *,
   return {'images_per_sec': rows, 'samples': samples, 'skipped': skipped,
           'rounds': rounds, 'decoders': decoders, 'form_bytes': form_bytes,
           'form_decoder': imagenet.default_decoder(),
+          'dali_patches_differ': dali_differ,
           'torch_decoder': ('torchvision.io' if _torchvision_io() is not None
                             else 'pil'),
           'threads': threads, 'jpegs': len(jpegs), 'batch_size': batch_size,
@@ -351,7 +454,7 @@ def ratios(result: dict) -> dict:
   out = {}
   for count in result['threads']:
     project = rows.get('project', {}).get(count)
-    peers = [rows[p][count] for p in ('tf.data', 'torch')
+    peers = [rows[p][count] for p in PEERS
              if count in rows.get(p, {})]
     decoders = [rows[k][count] for k in result['decoders']
                 if count in rows.get(k, {})]
@@ -403,6 +506,10 @@ def format_table(result: dict) -> str:
       lines.append(f"{count} thread(s), {result['form_decoder']}: " + ', '.join(
           f'{form} {value:.2f}x' for form, value in others.items())
                    + " the form prepare writes")
+  if result.get('dali_patches_differ') is not None:
+    lines.append(f"dali: {result['dali_patches_differ']} of its first "
+                 f"{min(result['jpegs'], 128)} patches differ from the "
+                 f"{result['form_decoder']} image's")
   lines.append(f"(each figure the median of {result['rounds']} interleaved "
                'rounds)')
   for name, why in result['skipped'].items():

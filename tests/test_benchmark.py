@@ -123,10 +123,11 @@ def test_benchmark_fed_by_the_input_pipeline(tmp_path):
 def test_input_peers_tiny(tmp_path):
   # The peers' benchmark end to end on a small store: interleaved rounds,
   # each pipeline's median, and the ratios. tf.data and PyTorch stay out
-  # (their imports alone would take longer than the rest).
+  # (their imports alone would take longer than the rest); DALI, which the
+  # test requirements leave out, is reported as skipped.
   done = subprocess.run(
       [sys.executable, 'benchmarks/input_peers.py', f'--store={tmp_path}',
-       '--make_fake=48', '--pipelines=decode,stages,project,forms',
+       '--make_fake=48', '--pipelines=decode,stages,project,forms,dali',
        '--threads=1,2',
        '--rounds=3', '--steps=2', '--warmup=1', '--batch_size=8',
        '--image_size=67'], cwd=REPO_ROOT, env=command_env(),
@@ -170,6 +171,14 @@ def test_input_peers_tiny(tmp_path):
   assert ratio['forms_over_prepare'] == {
       f: rows[f'form {f}']['1'] / rows['form prepare']['1'] for f in forms}
   assert 'the form prepare writes' in done.stdout
+  # DALI is timed, its patches checked against the default decoder's, or
+  # it is missing and said to be.
+  if 'dali' in result['skipped']:
+    assert 'dali' not in rows and result['dali_patches_differ'] is None
+    assert 'dali: skipped' in done.stdout
+  else:
+    assert set(rows['dali']) == {'1', '2'}
+    assert result['dali_patches_differ'] == 0
 
 
 @pytest.mark.parametrize('command,fake', [
