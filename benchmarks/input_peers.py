@@ -75,6 +75,9 @@ flags.DEFINE_list('threads', ['1', '2'], 'Thread (worker) counts to time.')
 PIPELINES = ('decode', 'stages', 'project', 'tf.data', 'torch', 'dali',
              'forms')
 PEERS = ('tf.data', 'torch', 'dali')
+# DALI's patches of this many JPEGs are checked against the default
+# decoder's before the timings.
+DALI_CHECKED = 128
 flags.DEFINE_list('pipelines', list(PIPELINES[:-1]), 'What to time, of '
                   f'{", ".join(PIPELINES)}.')
 flags.DEFINE_integer('rounds', 6, 'Times each pipeline is timed at each '
@@ -268,7 +271,7 @@ def _dali_pipeline(source, outputs: int, threads: int, batch_size: int,
 
 
 def dali_patches_differ(jpegs: list[bytes], shape: tuple[int, int, int],
-                        size: int, count: int = 128) -> int:
+                        size: int, count: int = DALI_CHECKED) -> int:
   """How many of `count` patches DALI's CPU decoding cuts differently from
   the default decoder's image (of the store's `shape`), cropped at the same
   (random) places: 0 when DALI's 'dali' row times the same pixels as the
@@ -507,8 +510,9 @@ def format_table(result: dict) -> str:
           f'{form} {value:.2f}x' for form, value in others.items())
                    + " the form prepare writes")
   if result.get('dali_patches_differ') is not None:
+    checked = min(result['jpegs'], DALI_CHECKED)
     lines.append(f"dali: {result['dali_patches_differ']} of its first "
-                 f"{min(result['jpegs'], 128)} patches differ from the "
+                 f"{checked} patches differ from the "
                  f"{result['form_decoder']} image's")
   lines.append(f"(each figure the median of {result['rounds']} interleaved "
                'rounds)')
